@@ -1,0 +1,8 @@
+"""certlib: deterministic, sound l2 robustness certification (LiResNet / GloRo).
+
+Certification is the product: every Lipschitz number the certifier accepts is a
+:class:`certlib.bounds.Bound` (a proven upper bound), never an
+:class:`certlib.bounds.Estimate`.
+"""
+
+__version__ = "0.1.0"
