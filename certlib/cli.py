@@ -1,0 +1,241 @@
+"""The ``certlib`` command.  Tables and progress go to stderr; stdout stays
+parseable (JSON summaries only when asked).  Exit codes: 0 done, 2 usage
+error, 3 model not supported, 4 proof check failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from certlib import __version__
+from certlib.errors import CertlibError, UsageError
+
+err_console = Console(stderr=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Deterministic, sound l2 robustness certification (LiResNet / GloRo).\n\n"
+                       "Every certified claim rests on proven Lipschitz upper bounds, never on estimates.")
+
+METHOD_HELP = ("Lipschitz verifier: exact (SVD / FFT blocks + rigorous margin), power (power iteration "
+               "proven by a Cholesky certificate), sdp (cvxpy, re-proven).")
+
+
+def _shape(text: Optional[str]):
+    if not text:
+        return None
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape must look like 3,32,32, got {text!r}") from None
+    if not dims or min(dims) <= 0:
+        raise UsageError(f"--input-shape dimensions must be positive, got {text!r}")
+    return dims
+
+
+def _progress():
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+def _eps(text: str) -> float:
+    from certlib.certify import parse_eps
+
+    try:
+        return parse_eps(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _data(spec: str, limit: Optional[int]):
+    from certlib.data import DataError, load
+
+    if limit is not None and limit < 1:
+        raise UsageError("--limit must be >= 1")
+    try:
+        return load(spec, "test").take(limit)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+
+
+def _method(method: str, estimate_only: bool) -> str:
+    from certlib.lipschitz import METHODS
+
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
+
+
+@app.command()
+def verify(
+    model: Path = typer.Argument(..., help="ONNX model (one input N,C,H,W in [0,1], one logits output)."),
+    data: str = typer.Option("digits", help="digits | npz:PATH | cifar10:DIR | cifar100:DIR (test split)."),
+    eps: str = typer.Option(..., help="l2 radius; fractions such as 36/255 are accepted."),
+    method: str = typer.Option("exact", help=METHOD_HELP),
+    limit: Optional[int] = typer.Option(None, help="Certify only the first N samples."),
+    batch_size: int = typer.Option(256, help="Samples per forward batch."),
+    input_shape: Optional[str] = typer.Option(None, help="C,H,W when the model's input shape is dynamic."),
+    estimate_only: bool = typer.Option(False, "--estimate-only",
+                                       help="Use raw power-iteration ESTIMATES (what published code does); "
+                                            "reported with \"sound\": false. Never a certificate."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
+    tsv: Optional[Path] = typer.Option(None, help="Write one row per sample: idx label pred correct certified radius."),
+    plot: Optional[Path] = typer.Option(None, help="Write a certified-accuracy-vs-radius PNG."),
+) -> None:
+    """Certify MODEL on a dataset at radius EPS and print the report."""
+    from certlib.report import print_report, write_json, write_plot, write_tsv
+    from certlib.verify import verify_file
+
+    e = _eps(eps)
+    m = _method(method, estimate_only)
+    ds = _data(data, limit)
+    if batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    with _progress() as p:
+        task = p.add_task("importing model")
+
+        def prog(stage, what):
+            p.update(task, description=f"{stage}: {what}")
+
+        rep = verify_file(model, ds, e, m, input_shape=_shape(input_shape), batch_size=batch_size,
+                          estimate_only=estimate_only, progress=prog)
+    print_report(rep, err_console)
+    if json_out:
+        write_json(rep, json_out)
+    if rep.result is not None:
+        if tsv:
+            write_tsv(rep, ds.y, tsv)
+        if plot:
+            write_plot(rep, plot)
+    elif tsv or plot:
+        err_console.print("[yellow]--tsv/--plot need sound certification; skipped with --estimate-only[/]")
+
+
+@app.command()
+def bounds(
+    model: Path = typer.Argument(..., help="ONNX model."),
+    method: str = typer.Option("exact", help=METHOD_HELP),
+    input_shape: Optional[str] = typer.Option(None, help="C,H,W when the model's input shape is dynamic."),
+    estimate_only: bool = typer.Option(False, "--estimate-only", help="Raw power-iteration estimates (NOT SOUND)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-layer bounds as JSON."),
+) -> None:
+    """Per-layer Lipschitz bounds and the body bound (no data needed)."""
+    from certlib.lipschitz import analyze
+    from certlib.onnx_import import load
+    from certlib.report import layers_table
+    from certlib.verify import file_sha256
+
+    m = _method(method, estimate_only)
+    with _progress() as p:
+        task = p.add_task("importing model")
+        _, g = load(model, _shape(input_shape))
+        a = analyze(g, m, estimate_only=estimate_only,
+                    progress=lambda name: p.update(task, description=f"bounding {name}"))
+    err_console.print(layers_table(a.layers))
+    tag = "sound bound" if a.sound else "ESTIMATE, NOT SOUND"
+    err_console.print(f"body Lipschitz: [bold]{float(a.body.value):.9g}[/] ({a.method}, {tag}); "
+                      f"max K_ij: {float(a.K.max()):.9g}; {a.seconds:.2f} s")
+    if json_out:
+        Path(json_out).write_text(json.dumps({
+            "model": str(model), "sha256": file_sha256(model),
+            "lipschitz": {"body": float(a.body.value), "method": a.method, "sound": a.sound},
+            "layers": [lb.as_dict() for lb in a.layers], "certlib_version": __version__}, indent=2) + "\n")
+
+
+@app.command()
+def train(
+    preset: str = typer.Option("digits", help="Model + recipe preset: digits, cifar10, cifar10-l18w256, "
+                                              "cifar100, cifar100-l18w256, tinyimagenet, imagenet."),
+    data: Optional[str] = typer.Option(None, help="Data spec (default: the preset's)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the preset's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay."),
+    warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before cosine decay."),
+    loss: Optional[str] = typer.Option(None, help="emma | margin | trades | ce."),
+    eps: Optional[str] = typer.Option(None, help="Target (test) l2 eps; training ramps 0.1 eps -> 1.5 eps."),
+    trades_lambda: Optional[float] = typer.Option(None, help="lambda of the trades loss."),
+    power_iters: Optional[int] = typer.Option(None, help="Power iterations per step (training estimate)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (checkpoint, model.onnx, metrics)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the final sound evaluation."),
+) -> None:
+    """Train a LiResNet; writes checkpoint.safetensors, model.onnx and metrics.jsonl."""
+    from certlib.train import preset_config, train as run_train
+
+    try:
+        cfg = preset_config(preset, data=data, epochs=epochs, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, warmup_epochs=warmup_epochs, loss=loss,
+                            eps=_eps(eps) if eps is not None else None, trades_lambda=trades_lambda,
+                            power_iters=power_iters, seed=seed, device=device,
+                            out=str(out) if out else None, verify=not no_verify)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    from certlib.train.losses import LOSSES
+
+    if cfg.loss not in LOSSES:
+        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be >= 1")
+    from certlib.data import DataError
+
+    try:
+        summary = run_train(cfg)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    err_console.print(f"wrote {summary['checkpoint']} and {summary['onnx']} ({summary['train_seconds']} s)")
+    if "sound_vra" in summary:
+        err_console.print(f"sound VRA at eps={cfg.eps:.4g}: [bold]{100 * summary['sound_vra']:.2f}%[/] "
+                          f"(clean {100 * summary['clean_accuracy']:.2f}%, L_body {summary['lipschitz_body']:.6g})")
+    print(json.dumps(summary))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="certlib safetensors checkpoint."),
+    out: Path = typer.Option(..., help="Output .onnx path."),
+    opset: int = typer.Option(18, help="ONNX opset (>= 13)."),
+) -> None:
+    """Export a LiResNet checkpoint to ONNX (plain ops, fused kernels, dynamic batch)."""
+    from certlib.onnx_export import export_onnx
+    from certlib.train.checkpoint import load_model
+
+    model, _ = load_model(checkpoint)
+    export_onnx(model, out, opset=opset)
+    err_console.print(f"wrote {out}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning known errors into messages + exit codes."""
+    try:
+        app(standalone_mode=False)
+    except CertlibError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and anything unexpected
+        show = getattr(e, "show", None)
+        code = getattr(e, "exit_code", None)
+        if callable(show) and isinstance(code, int):  # click/typer usage errors (exit 2)
+            show()
+            sys.exit(code)
+        if os.environ.get("CERTLIB_DEBUG"):
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
+                          "(set CERTLIB_DEBUG=1 for a traceback; please report this)", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

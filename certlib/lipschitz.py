@@ -1,0 +1,246 @@
+"""Compose per-operator Bounds into the body bound L and the pair constants K_ij.
+
+The network is split into a body g (every node before the last dense layer) and
+the head (that dense layer, with any following elementwise affine or reshape).
+For logits f = W g(x) + b:  |(f_i - f_j)(x) - (f_i - f_j)(x')| <=
+||w_i - w_j||_2 * L_g * ||x - x'||_2, so K_ij = L_g * ||w_i - w_j||_2
+(proofs/gloro_margin.md).
+
+L_g is the upward-rounded product of one Bound per stage (SOUNDNESS.md rule 3):
+linear operators bounded by the chosen verifier, elementwise affine maps by
+max|scale| (or folded into the adjacent conv/dense, with the rounding of the
+fold added), reshapes by 1, ReLU/MinMax by 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from certlib.bounds import Bound, Estimate, UnsoundError, up, up_add, up_mul
+from certlib.errors import UnsupportedModelError
+from certlib.graph import U64, ActivationNode, AffineNode, Graph, LinearNode, ReshapeNode, describe, gamma
+from certlib.verifiers.operators import Conv2d, Dense
+
+METHODS = ("exact", "power", "sdp")
+
+
+def _verifier(method: str):
+    if method == "exact":
+        from certlib.verifiers.svd import bound
+        return bound
+    if method == "power":
+        from certlib.verifiers.power import power_bound
+        return power_bound
+    if method == "sdp":
+        from certlib.verifiers.sdp import sdp_bound
+        return sdp_bound
+    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+@dataclass
+class LayerBound:
+    name: str
+    op: str
+    bound: float
+    method: str
+    seconds: float = 0.0
+    sound: bool = True
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "op": self.op, "bound": self.bound, "method": self.method,
+                "seconds": round(self.seconds, 4)}
+
+
+@dataclass
+class Analysis:
+    """Result of bounding a graph.  ``body`` is a Bound when ``sound``; with
+    ``estimate_only`` it is an Estimate and nothing here may certify."""
+
+    body: Bound | Estimate
+    head_weight: np.ndarray          # rows w_k (after folding following affines)
+    head_rounding: float             # per-entry relative rounding already in head_weight
+    K: np.ndarray                    # (C, C) upper bounds of L_body * ||w_i - w_j||
+    layers: list = field(default_factory=list)
+    node_bounds: list = field(default_factory=list)  # per graph node (for forward error)
+    method: str = "exact"
+    sound: bool = True
+    seconds: float = 0.0
+    head_index: int = -1
+
+
+def split_head(g: Graph) -> int:
+    """Index of the head dense node; after it only affine/reshape nodes."""
+    for i in range(len(g.nodes) - 1, -1, -1):
+        n = g.nodes[i]
+        if isinstance(n, (AffineNode, ReshapeNode)):
+            continue
+        if isinstance(n, LinearNode) and isinstance(n.op, Dense):
+            return i
+        break
+    raise UnsupportedModelError(
+        "the network must end with a dense (Gemm/MatMul) layer, optionally followed by "
+        "elementwise affine maps: that layer is the GloRo head")
+
+
+def _fold_rounding_margin(op) -> float:
+    """||E||_2 bound for E = fl(s*K) - s*K elementwise |E| <= u |fl(s*K)|(1+u):
+    a conv with kernel E has norm <= sum over taps ||E_tap||_2 <= sqrt(taps) ||E||_F."""
+    if isinstance(op, Dense):
+        w, taps = op.weight, 1
+    else:
+        w, taps = op.kernel, op.kernel.shape[2] * op.kernel.shape[3]
+    fro = float(np.linalg.norm(w.ravel())) * (1 + gamma(w.size + 2))
+    return up(fro * math.sqrt(taps) * 1.0001 * U64 * (1 + 2 * U64))
+
+
+def _scale_vector(a: AffineNode, axis_len: int):
+    """The affine's scale as a per-channel vector (axis 0 of the sample), or None."""
+    s = np.asarray(a.scale, dtype=np.float64)
+    shape = a.in_shape
+    if s.ndim == 0:
+        return np.full(axis_len, float(s))
+    if s.ndim != len(shape):
+        s = s.reshape((1,) * (len(shape) - s.ndim) + s.shape)
+    if all(d == 1 for d in s.shape[1:]) and s.shape[0] in (1, axis_len):
+        return np.broadcast_to(s.reshape(-1), (axis_len,)).astype(np.float64)
+    return None
+
+
+def _chain_items(nodes: list, start: int, stop: int):
+    """Fold trivial and per-channel affine maps into neighbouring linear ops.
+    Yields (node_indices, op_or_None, factor, label) items."""
+    items = []
+    i = start
+    while i < stop:
+        n = nodes[i]
+        if isinstance(n, AffineNode) and np.all(np.abs(n.scale) == 1.0):
+            items.append(([i], None, 1.0, "affine (|scale|=1)"))
+        elif isinstance(n, AffineNode):
+            items.append(([i], None, up(n.lipschitz()), "affine (max|scale|)"))
+        elif isinstance(n, ReshapeNode):
+            items.append(([i], None, 1.0, "reshape (isometry)"))
+        elif isinstance(n, LinearNode):
+            items.append(([i], n.op, None, describe(n)))
+        elif isinstance(n, ActivationNode):
+            items.append(([i], None, float(n.lipschitz), n.activation))
+        i += 1
+    # fold a per-channel affine directly after a linear op into its output rows
+    out = []
+    for it in items:
+        prev = out[-1] if out else None
+        n = nodes[it[0][0]]
+        if (prev is not None and prev[1] is not None and isinstance(n, AffineNode)
+                and it[2] != 1.0):
+            op = prev[1]
+            cout = op.weight.shape[0] if isinstance(op, Dense) else op.kernel.shape[0]
+            s = _scale_vector(n, cout)
+            if s is not None and len(n.in_shape) == (1 if isinstance(op, Dense) else 3):
+                if isinstance(op, Dense):
+                    new = Dense(op.weight * s[:, None])
+                else:
+                    new = Conv2d(op.kernel * s[:, None, None, None], op.input_shape, op.stride,
+                                 op.padding, op.dilation, op.groups)
+                out[-1] = (prev[0] + it[0], new, ("folded", s), prev[3] + " + affine (folded)")
+                continue
+        out.append(it)
+    return out
+
+
+def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progress=None) -> Analysis:
+    """Bound every stage of the body and compute the K_ij matrix.
+
+    With ``estimate_only`` the per-operator numbers are raw power-iteration
+    Estimates (what published code certifies with) and the result is marked
+    unsound."""
+    t0 = time.perf_counter()
+    h = split_head(g)
+    verify = None
+    if estimate_only:
+        from certlib.verifiers.power import estimate as power_estimate
+    else:
+        verify = _verifier(method)
+    items = _chain_items(g.nodes, 0, h)
+    node_bounds = [1.0] * len(g.nodes)
+    layers: list[LayerBound] = []
+    body = 1.0
+    for idx, op, factor, label in items:
+        t1 = time.perf_counter()
+        name = g.nodes[idx[0]].name or f"node{idx[0]}"
+        if op is None:
+            value, how = float(factor), "rule"
+        elif estimate_only:
+            est = power_estimate(op, n_iter=500)
+            if not isinstance(est, Estimate):
+                raise UnsoundError("power.estimate must return an Estimate")
+            value, how = float(est.value), "power-estimate (UNSOUND)"
+        else:
+            b = verify(op)
+            if not isinstance(b, Bound):
+                raise UnsoundError(f"verifier {method} returned {type(b).__name__}, not a Bound")
+            value, how = b.value, b.method
+            if isinstance(factor, tuple):
+                value = up_add(value, _fold_rounding_margin(op))
+                how += " (+fold rounding)"
+        dt = time.perf_counter() - t1
+        body = up_mul(body, value)
+        # per-node bounds for the forward-error recursion (Graph.forward)
+        node_bounds[idx[0]] = value
+        if isinstance(factor, tuple):  # folded linear A then diag(s): ||A|| <= ||sA|| / min|s|
+            s = np.abs(factor[1])
+            smin = float(np.min(s))
+            node_bounds[idx[0]] = up(value / smin) if smin > 0 else math.inf
+            node_bounds[idx[1]] = up(float(np.max(s)))
+        if op is not None or factor != 1.0 or g.nodes[idx[0]].kind == "activation":
+            layers.append(LayerBound(name, label, value, how, dt, not estimate_only))
+        if progress is not None:
+            progress(name)
+    # head: dense rows, then elementwise per-class affine maps folded in
+    head = g.nodes[h]
+    W = head.op.weight.copy()
+    rounding = 0.0
+    for n in g.nodes[h + 1:]:
+        node_bounds[g.nodes.index(n)] = up(n.lipschitz()) if isinstance(n, AffineNode) else 1.0
+        if isinstance(n, AffineNode):
+            s = _scale_vector(n, W.shape[0]) if len(n.in_shape) == 1 else None
+            if s is None:
+                raise UnsupportedModelError("an elementwise map after the head is not per-class")
+            if not np.all(np.abs(s) == 1.0):
+                rounding += U64 * (1 + U64)
+            W = W * s[:, None]
+    node_bounds[h] = float("nan")  # filled below (the head's spectral norm is not needed)
+    if estimate_only:
+        body_val: Bound | Estimate = Estimate(body, "power-estimate")
+    else:
+        body_val = Bound(body, method, "upward-rounded product of per-stage bounds")
+    K = pair_constants(W, float(body), rounding)
+    # the forward-error recursion needs a bound for the head as well: ||W||_2 <= ||W||_F
+    node_bounds[h] = up(float(np.linalg.norm(W)) * (1 + gamma(W.size + 2)) * (1 + rounding + U64))
+    return Analysis(body_val, W, rounding, K, layers, node_bounds, method if not estimate_only else "power",
+                    not estimate_only, time.perf_counter() - t0, h)
+
+
+def pair_constants(W: np.ndarray, L: float, rounding: float = 0.0) -> np.ndarray:
+    """K[i, j] >= L * ||w_i - w_j||_2 in exact arithmetic (diagonal 0).
+
+    fl(w_j - w_i) has relative error <= u per entry and the computed norm
+    (sum of D squares, sqrt) relative error <= gamma_{D+2}; both are covered by
+    the factor (1 + gamma_{D+4}).  ``rounding`` is a per-entry relative error
+    already present in W (from folding a scale), covered by adding
+    rounding*(||w_i|| + ||w_j||)."""
+    W = np.asarray(W, dtype=np.float64)
+    C, D = W.shape
+    fac = 1.0 + gamma(D + 4)
+    rows = np.linalg.norm(W, axis=1) * fac
+    K = np.zeros((C, C))
+    for i in range(C):
+        d = np.linalg.norm(W - W[i], axis=1) * fac
+        if rounding:
+            d = d + rounding * 1.01 * (rows + rows[i])
+        K[i] = d
+    K = np.nextafter(K * L, np.inf) * (1 + 2 * U64)
+    np.fill_diagonal(K, 0.0)
+    return K

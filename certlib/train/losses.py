@@ -1,0 +1,67 @@
+"""Training losses for Lipschitz-margin networks.
+
+All take logits y (B, C), integer labels (B,), the margin constants K (C, C)
+(training-time: L_body estimate * ||w_i - w_j||, differentiable) and eps.
+
+* ``emma`` (Hu et al. 2023): y'_i = y_i + eps_i K_{y,i} for i != y with
+  eps_i = clip((y_y - y_i) / K_{y,i}, 0.01 eps, eps), eps_i detached;
+  loss = CE(y', y).
+* ``margin``: every eps_i = eps (the NeurIPS code's default, non-adaptive).
+* ``trades`` (GloRo TRADES): CE(y, label) + lambda * KL(P || Q) with P the
+  softmax of [y, -inf] and Q the softmax of [y, y_bot], y_bot =
+  max_{i != y}(y_i + eps K_{y,i}); KL = -log(1 - q_bot).
+* ``ce``: plain cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("emma", "margin", "trades", "ce")
+
+
+def _others(labels: torch.Tensor, C: int) -> torch.Tensor:
+    return ~F.one_hot(labels, C).bool()
+
+
+def emma(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float) -> torch.Tensor:
+    C = y.shape[1]
+    Ky = K[labels]  # (B, C)
+    mask = _others(labels, C)
+    with torch.no_grad():
+        gap = y.gather(1, labels[:, None]) - y
+        eps_i = (gap / Ky.clamp_min(1e-12)).clamp(0.01 * eps, eps)
+    y2 = y + torch.where(mask, eps_i * Ky, torch.zeros_like(y))
+    return F.cross_entropy(y2, labels)
+
+
+def margin(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float) -> torch.Tensor:
+    mask = _others(labels, y.shape[1])
+    y2 = y + torch.where(mask, eps * K[labels], torch.zeros_like(y))
+    return F.cross_entropy(y2, labels)
+
+
+def trades(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float,
+           lam: float = 1.0) -> torch.Tensor:
+    mask = _others(labels, y.shape[1])
+    shifted = torch.where(mask, y + eps * K[labels], torch.full_like(y, float("-inf")))
+    y_bot = shifted.max(dim=1, keepdim=True).values
+    kl = torch.logsumexp(torch.cat([y, y_bot], dim=1), dim=1) - torch.logsumexp(y, dim=1)
+    return F.cross_entropy(y, labels) + lam * kl.mean()
+
+
+def ce(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.cross_entropy(y, labels)
+
+
+def get(name: str, trades_lambda: float = 1.0):
+    if name == "emma":
+        return emma
+    if name == "margin":
+        return margin
+    if name == "trades":
+        return lambda y, l, K, e: trades(y, l, K, e, trades_lambda)
+    if name == "ce":
+        return ce
+    raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")

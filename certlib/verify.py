@@ -1,0 +1,126 @@
+"""The one certification road: ONNX file -> IR -> Bounds -> certified samples.
+
+Used by ``certlib verify``, by the trainer's final sound evaluation and by tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from certlib import __version__
+from certlib.certify import Result, certify, estimate_vra
+from certlib.data import Dataset
+from certlib.graph import Graph
+from certlib.lipschitz import Analysis, analyze
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    sha256: str
+    eps: float
+    data: str
+    data_sha256: str
+    analysis: Analysis
+    result: Result | None            # None with estimate_only
+    estimated_vra: float | None = None
+    estimated_clean: float | None = None
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def sound(self) -> bool:
+        return self.analysis.sound
+
+    def as_json(self) -> dict:
+        a = self.analysis
+        r = self.result
+        return {
+            "model": self.model,
+            "sha256": self.sha256,
+            "eps": self.eps,
+            "data": self.data,
+            "data_sha256": self.data_sha256,
+            "n": r.n if r is not None else None,
+            "clean_accuracy": r.clean_accuracy if r is not None else self.estimated_clean,
+            "vra": r.vra if r is not None else self.estimated_vra,
+            "lipschitz": {"body": float(a.body.value), "method": a.method, "sound": a.sound},
+            "layers": [lb.as_dict() for lb in a.layers],
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "certlib_version": __version__,
+            "claim": ("exact-arithmetic robustness of the ONNX model's function; logits computed in float64 "
+                      "with a rigorous rounding slack") if a.sound else
+                     "NOT SOUND: raw power-iteration estimates, for comparison only",
+        }
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def predict(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progress=None):
+    """Float64 logits and rigorous per-sample error bounds, in batches."""
+    outs, errs = [], []
+    for i in range(0, len(x), batch_size):
+        o, e = g.forward(x[i:i + batch_size], node_bounds)
+        outs.append(o)
+        errs.append(e)
+        if progress is not None:
+            progress(min(i + batch_size, len(x)))
+    if not outs:
+        return np.zeros((0, g.num_classes)), np.zeros(0)
+    return np.concatenate(outs), np.concatenate(errs)
+
+
+def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
+                 model_name: str = "", sha256: str = "", batch_size: int = 256,
+                 estimate_only: bool = False, progress=None) -> VerifyReport:
+    if tuple(data.x.shape[1:]) != tuple(g.input_shape):
+        from certlib.errors import UsageError
+        raise UsageError(f"data samples have shape {tuple(data.x.shape[1:])} but the model expects "
+                         f"{tuple(g.input_shape)}")
+    if data.num_classes and int(data.y.max(initial=0)) >= g.num_classes:
+        from certlib.errors import UsageError
+        raise UsageError(f"labels go up to {int(data.y.max())} but the model has {g.num_classes} outputs")
+    seconds = {}
+    t = time.perf_counter()
+    a = analyze(g, method=method, estimate_only=estimate_only,
+                progress=(lambda name: progress("bounds", name)) if progress else None)
+    seconds["bounds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    logits, err = predict(g, data.x, a.node_bounds, batch_size,
+                          (lambda k: progress("forward", k)) if progress else None)
+    seconds["forward"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if estimate_only:
+        vra = estimate_vra(logits, data.y, a.K, eps)
+        clean = float((np.argmax(logits, axis=1) == data.y).mean()) if len(data) else 0.0
+        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, None, vra, clean)
+    else:
+        res = certify(logits, err, data.y, a.K, a.body, eps)
+        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, res)
+    seconds["certify"] = time.perf_counter() - t
+    rep.seconds = seconds
+    return rep
+
+
+def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exact", *,
+                input_shape=None, batch_size: int = 256, estimate_only: bool = False,
+                progress=None) -> VerifyReport:
+    from certlib.onnx_import import load
+
+    t = time.perf_counter()
+    _, g = load(path, input_shape)
+    t_import = time.perf_counter() - t
+    rep = verify_graph(g, data, eps, method, model_name=str(path), sha256=file_sha256(path),
+                       batch_size=batch_size, estimate_only=estimate_only, progress=progress)
+    rep.seconds = {"import": t_import, **rep.seconds}
+    return rep
