@@ -88,6 +88,11 @@ def certify(logits: np.ndarray, err: np.ndarray, labels: np.ndarray, K: np.ndarr
     # raw = fl(f_y - f_j) has relative error <= u; the lower bound below is
     # computed with three more roundings, each <= u * (|raw| + slack): the
     # subtracted 6u(|raw| + slack) + 2^-1000 covers all of them (proofs/margin_slack.md)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _decide(f, err, finite, pred, fy, labels, K, eps, N, C)
+
+
+def _decide(f, err, finite, pred, fy, labels, K, eps, N, C) -> Result:
     raw = fy[:, None] - f
     slack = err * SQRT2_UP * (1 + 2 * U64)
     mag = np.abs(raw) + slack[:, None]

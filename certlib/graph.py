@@ -114,6 +114,14 @@ class Graph:
             return h.numpy(), (err.numpy() if track else None)
 
 
+    def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable float64 evaluation (for attacks and tests)."""
+        h = x.to(torch.float64)
+        for node in self.nodes:
+            h, _ = _apply(node, h, False)
+        return h
+
+
 def _norms(t: torch.Tensor) -> torch.Tensor:
     """Per-sample l2 norms, inflated to upper-bound their rounding."""
     flat = t.reshape(t.shape[0], -1)

@@ -1,0 +1,81 @@
+"""PGD-l2 attack: the falsifier for certificates.
+
+A sound certificate at radius eps can never be broken by an input inside the
+l2 ball; any prediction change found here on a certified sample is a soundness
+violation.  The attack is unconstrained by the [0,1] box on purpose: the
+certificate covers the whole ball.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from certlib.graph import Graph
+
+
+def _margin_loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    fy = f.gather(1, y[:, None]).squeeze(1)
+    other = f.clone()
+    other.scatter_(1, y[:, None], float("-inf"))
+    return other.max(1).values - fy  # > 0 means the prediction changed
+
+
+def pgd_l2(g: Graph, x: np.ndarray, target: np.ndarray, eps: float, steps: int = 50,
+           restarts: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Search for x' with ||x' - x||_2 <= eps whose prediction differs from
+    ``target`` (the model's prediction at x).  Returns (flipped mask, best x')."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(target, dtype=np.int64))
+    B = x0.shape[0]
+    best = x0.clone()
+    best_loss = torch.full((B,), float("-inf"), dtype=torch.float64)
+    alpha = 2.5 * eps / steps
+    for r in range(restarts):
+        if r == 0:
+            delta = torch.zeros_like(x0)
+        else:
+            delta = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+            delta = delta / delta.flatten(1).norm(dim=1).view(-1, *[1] * (x0.ndim - 1)) * eps * 0.5
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = _margin_loss(g.torch_forward(x0 + delta), y)
+            grad, = torch.autograd.grad(loss.sum(), delta)
+            with torch.no_grad():
+                gn = grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (x0.ndim - 1))
+                delta = delta + alpha * grad / gn
+                dn = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x0.ndim - 1))
+                # project strictly inside the ball (a hair below eps)
+                delta = delta * torch.clamp(eps * (1 - 1e-9) / dn.clamp_min(1e-30), max=1.0)
+                lval = _margin_loss(g.torch_forward(x0 + delta), y)
+                better = lval > best_loss
+                best[better] = (x0 + delta)[better]
+                best_loss = torch.where(better, lval, best_loss)
+    with torch.no_grad():
+        pred = g.torch_forward(best).argmax(1)
+    flipped = (pred != y).numpy()
+    return flipped, best.numpy()
+
+
+def empirical_lipschitz(g: Graph, x: np.ndarray, steps: int = 50, radius: float = 1e-2,
+                        seed: int = 0) -> float:
+    """A LOWER bound on the l2 Lipschitz constant of the logits: maximise
+    ||f(x) - f(x')|| / ||x - x'|| by gradient ascent over x' near x."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    d = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    d = d / d.flatten(1).norm(dim=1).view(shape) * radius
+    with torch.no_grad():
+        f0 = g.torch_forward(x0)
+    best = 0.0
+    for _ in range(steps):
+        d.requires_grad_(True)
+        ratio = (g.torch_forward(x0 + d) - f0).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)
+        grad, = torch.autograd.grad(ratio.sum(), d)
+        with torch.no_grad():
+            best = max(best, float(ratio.max()))
+            d = d + 0.1 * radius * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
+            d = d / d.flatten(1).norm(dim=1).view(shape) * radius
+    return best

@@ -1,0 +1,83 @@
+"""ONNX import: onnxruntime as the oracle; unsupported nodes all listed; clear errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from certlib.attack import empirical_lipschitz
+from certlib.errors import UnsupportedModelError, UsageError
+from certlib.graph import ActivationNode, AffineNode, LinearNode
+from certlib.lipschitz import analyze
+from certlib.onnx_import import import_model, load
+from onnx_builders import plain_net, unsupported_net
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "certlib.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_plain_net_matches_onnxruntime_and_bound_holds():
+    m = plain_net()
+    g = import_model(m)
+    kinds = [type(n) for n in g.nodes]
+    assert kinds.count(LinearNode) == 3 and kinds.count(AffineNode) == 3 and kinds.count(ActivationNode) == 2
+    x = np.random.default_rng(5).random((16, 2, 6, 6)).astype(np.float32)
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+    ours, _ = g.forward(x)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    a = analyze(g, "exact")
+    # Lipschitz of the logits <= L_body * ||W_head||_2 (oracle: numpy SVD)
+    upper = a.body.value * np.linalg.svd(a.head_weight, compute_uv=False)[0]
+    lower = empirical_lipschitz(g, x, steps=60)
+    assert 0 < lower <= upper
+
+
+def test_unsupported_nodes_are_all_listed():
+    with pytest.raises(UnsupportedModelError) as ei:
+        import_model(unsupported_net())
+    names = {it.name for it in ei.value.items}
+    assert {"bad_erf", "bad_sin"} <= names
+    assert ei.value.exit_code == 3
+
+
+def test_cli_exit_codes(tmp_path):
+    p = tmp_path / "bad.onnx"
+    onnx.save(unsupported_net(), p)
+    r = _cli("bounds", str(p))
+    assert r.returncode == 3, r.stderr
+    assert "bad_erf" in r.stderr and "bad_sin" in r.stderr and "Traceback" not in r.stderr
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x01garbage" * 10)
+    r = _cli("bounds", str(junk))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = _cli("bounds", str(tmp_path / "missing.onnx"))
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_dynamic_shape_needs_input_shape(tmp_path):
+    p = tmp_path / "dyn.onnx"
+    onnx.save(plain_net(dynamic=True), p)
+    with pytest.raises(UsageError, match="input-shape"):
+        load(p)
+    _, g = load(p, input_shape=(2, 6, 6))
+    assert g.input_shape == (2, 6, 6)
+
+
+def test_branching_graph_is_refused():
+    from onnx import helper
+
+    from onnx_builders import make_model
+
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flat"),
+             helper.make_node("Relu", ["f"], ["r"], name="relu"),
+             helper.make_node("Add", ["f", "r"], ["s"], name="residual"),
+             helper.make_node("Gemm", ["s", "W"], ["y"], name="head", transB=1)]
+    m = make_model(nodes, {"W": np.ones((3, 16))}, (1, 4, 4), 3)
+    with pytest.raises(UnsupportedModelError) as ei:
+        import_model(m)
+    assert any(it.name == "residual" for it in ei.value.items)

@@ -1,0 +1,498 @@
+"""Exact-SVD verifier: sound spectral-norm upper bounds for Dense and Conv2d.
+
+Guarantee.  :func:`bound`, :func:`dense_bound` and :func:`conv_bound` return a
+:class:`~certlib.bounds.Bound` ``b`` with ``||op||_2 <= b.value`` for the
+operator in EXACT real arithmetic (weights taken as the stored doubles).  All
+work is IEEE float64 / complex128, round-to-nearest, unit roundoff
+``U = 2**-53``; every rounding error is bounded a priori and added, and every
+final step rounds upward (``math.nextafter``).  ``circular_conv_norm`` and
+``continuous_frequency_sup`` are plain float64 values (no margin): oracles.
+
+How a bound is proven (per matrix block ``K``; Gram ``G = K^H K``, smaller side r):
+  * the candidate comes from LAPACK (``eigvalsh`` of the Gram, or ``svd``);
+  * proof A (tight, explicit constants): a floating-point Cholesky of
+    ``B = fl(s I - Ghat)`` runs to completion.  Higham (2002) Thm 10.3 gives
+    ``R^H R = B + D``, ``|D| <= g |R^H||R|`` (``g = gamma(n+1)``; complex
+    arithmetic: ``gamma(n+3)``, Higham 3.6; we use ``gamma(2r+8)``), hence
+    ``||D||_2 <= g/(1-g) tr(B)`` (Cauchy-Schwarz on columns of R), so
+    ``lambda_min(B) >= -g/(1-g) tr(B)`` and
+    ``lambda_max(G) <= s + g/(1-g) tr(B) + 2U max|b_ii| + ||Ghat-G||_2``
+    (the middle term: rounding of the diagonal shift).  This is Rump's (2006)
+    verified-positive-definiteness argument;
+  * proof B (fallback): backward stability of the LAPACK SVD / Hermitian
+    eigensolver: computed values are exact for ``A + E``,
+    ``||E||_2 <= p(m,n) U ||A||_2`` with ``p = SVD_P(m,n)`` below;
+  * proof C (cheap, used to prune): ``||K|| <= min(||K||_F, sqrt(||K||_1 ||K||_inf))``.
+  ``||Ghat - G||_2 <= ||Ghat - G||_F <= gamma(2L+4) ||K||_F^2`` (inner
+  products of length L, complex; Frobenius submultiplicativity).
+Underflow: inputs are scaled by an exact power of two so the largest entry is
+in [0.5, 1); any remaining underflow adds absolute errors < 2**-1000 in every
+quantity, covered by ``ABS_PAD = 2**-960``.
+Assumptions (stated, not checked): BLAS gemm/herk use conventional (not
+Strassen-like) products; LAPACK potrf evaluates the textbook Cholesky recurrences
+in some order (blocked or not), as Rump's criterion and INTLAB's isspd assume;
+libm cos/sin err by <= 3 ulp; hypot by <= 1 ulp.  Work runs with ``THREADS``
+BLAS/LAPACK/torch threads (restored afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+from scipy.linalg import blas
+from threadpoolctl import threadpool_limits
+
+from certlib.bounds import Bound, up, up_add, up_mul, up_sqrt
+from certlib.verifiers.operators import Conv2d, Dense
+
+__all__ = ["bound", "dense_bound", "conv_bound", "circular_conv_bound", "circular_conv_norm",
+           "continuous_frequency_sup", "conv_grid", "U", "SVD_P", "TWIDDLE_ERR", "ABS_PAD",
+           "THREADS"]
+
+#: unit roundoff of IEEE binary64, round to nearest.
+U = 2.0 ** -53
+#: absolute pad covering every underflow error in the scaled problem (entries <= 1).
+ABS_PAD = 2.0 ** -960
+#: error of each computed twiddle cos/sin (2 pi j / M): the angle fl(fl(j/M)*fl(2pi)),
+#: reduced to [0, pi], is off by < 3.01 U * pi < 9.5 U; libm cos/sin < 1 ulp (<= 2 U) --
+#: 16 U leaves room for a libm up to ~3 ulp.
+TWIDDLE_ERR = 16.0 * U
+#: blocks per chunk limit (complex entries) for the frequency sweep.
+CHUNK_ELEMS = 2 ** 21
+_GRAM_ZHERK_MIN = 48
+#: BLAS/LAPACK/torch threads used inside the verifier.  Multi-threaded LAPACK
+#: (notably the Hermitian eigensolver) slows down 100x when cores are shared.
+THREADS = 1
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def SVD_P(m: int, n: int) -> int:
+    """Backward-error factor p(m,n) of a LAPACK SVD / Hermitian eigensolver.
+
+    Householder bidiagonalisation (tridiagonalisation) is backward stable with
+    ``||E||_F <= c m n U ||A||_F`` per side (Higham 2002, Thm 19.4, c a small
+    constant) and ``||A||_F <= sqrt(min(m,n)) ||A||_2``; the bidiagonal QR /
+    dqds stage adds O(n^2 U) relative (Demmel-Kahan 1990).  We take
+    ``64 max(m,n)^2 ceil(sqrt(min(m,n)))``, i.e. c <= 32 on both sides.
+    """
+    lo, hi = max(min(m, n), 1), max(m, n, 1)
+    return 64 * hi * hi * (math.isqrt(lo - 1) + 1)  # isqrt(lo - 1) + 1 == ceil(sqrt(lo))
+
+
+def _gamma(k: float) -> float:
+    """Upper bound on gamma_k = k U / (1 - k U) (requires k U < 1/4)."""
+    ku = k * U
+    if ku >= 0.25:
+        raise ValueError("problem too large for the stated rounding-error bounds")
+    return up(up(ku) / (1.0 - 2 * ku))
+
+
+def _inflate(x: float, k: float) -> float:
+    """An upper bound on the exact value of a sum of k non-negative rounded terms computed as x."""
+    return up_mul(x, up(1.0 + 2.0 * _gamma(k)))
+
+
+def _vup(x):
+    return np.nextafter(x, np.inf)
+
+
+def _require_finite(a: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"svd verifier: {what} contains NaN or Inf; no bound exists")
+
+
+def _pow2_scale(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """a * 2**-e with max|.| in [0.5, 1) (exact barring underflow, see ABS_PAD), and e."""
+    _, e = math.frexp(float(np.max(np.abs(a))))
+    return np.ldexp(a, -e), e
+
+
+def _unscale(v: float, e: int) -> float:
+    r = math.ldexp(v, e)
+    if not math.isfinite(r):
+        raise ValueError("svd verifier: the bound overflows float64")
+    return up(r) if r < 2.0 ** -1021 else r  # subnormal results may have rounded down
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def _cheap_bounds(K: np.ndarray) -> np.ndarray:
+    """Per block b: an upper bound on ||K[b]||_2 (Frobenius / sqrt(norm1 * norminf))."""
+    m, n = K.shape[-2:]
+    A = np.abs(K)  # hypot: < 1 ulp
+    n1 = A.sum(axis=-2).max(axis=-1)
+    ninf = A.sum(axis=-1).max(axis=-1)
+    fro2 = np.einsum("bij,bij->b", A, A)
+    c1 = up(1.0 + 2.0 * _gamma(2 * (m + n) + 8))
+    cf = up(1.0 + 2.0 * _gamma(2 * m * n + 8))
+    u1 = _vup(np.sqrt(_vup(_vup(n1 * ninf) * c1)))
+    uf = _vup(np.sqrt(_vup(fro2 * cf)))
+    return np.minimum(u1, uf)
+
+
+def _grams(K: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Gram of the smaller side for each block; upper bounds e_G on ||Ghat - G||_2."""
+    b, m, n = K.shape
+    r, L = min(m, n), max(m, n)
+    cplx = np.iscomplexobj(K)
+    if r >= _GRAM_ZHERK_MIN:
+        G = np.empty((b, r, r), dtype=K.dtype)
+        herk = blas.zherk if cplx else blas.dsyrk
+        trans = (0 if m <= n else 2) if cplx else (0 if m <= n else 1)
+        for i in range(b):  # beta = 0: the strict upper triangle of the zeros c stays 0
+            low = herk(1.0, K[i], trans=trans, lower=1, c=np.zeros((r, r), K.dtype, order="F"),
+                       overwrite_c=1)
+            G[i] = low
+            G[i] += np.tril(low, -1).conj().T  # Hermitian completion of the computed triangle
+    else:
+        Kc = K.conj().transpose(0, 2, 1)
+        G = K @ Kc if m <= n else Kc @ K
+    fro2 = np.einsum("bij,bij->b", K.real, K.real)
+    if cplx:
+        fro2 = fro2 + np.einsum("bij,bij->b", K.imag, K.imag)
+    fro2 = _vup(fro2 * up(1.0 + 2.0 * _gamma(2 * m * n + 2)))
+    eG = _vup(_vup(fro2 * _gamma(2 * L + 4)) + ABS_PAD)
+    return G, eG, r
+
+
+def _chol_certify(G: np.ndarray, s: np.ndarray, eG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Proof A for each block: (ok, upper bound on sigma_max(K)) where Cholesky succeeded."""
+    r = G.shape[-1]
+    B = -G
+    d = np.arange(r)
+    bd = s[:, None] - G[:, d, d].real  # fl(s - g_ii): relative error <= U
+    B[:, d, d] = bd
+    info = torch.linalg.cholesky_ex(torch.from_numpy(B)).info.numpy()
+    ok = (info == 0) & (s > 0)
+    g = _gamma(2 * r + 8)
+    gc = up(g / (1.0 - 2 * g))
+    ab = np.abs(bd)
+    tr = _vup(ab.sum(axis=1) * up(1.0 + 2.0 * _gamma(r + 1)))
+    lam = _vup(s + _vup(tr * gc))
+    lam = _vup(lam + _vup(ab.max(axis=1) * (2 * U)))
+    lam = _vup(_vup(lam + eG) + ABS_PAD)
+    return ok, _vup(np.sqrt(np.maximum(lam, 0.0)))
+
+
+def _eig_bound(lam_c: float, eG: float, r: int) -> float:
+    """Proof B on a Gram: upper bound on sigma_max(K) from eigvalsh's top value."""
+    pu = SVD_P(r, r) * U
+    if pu >= 0.25:
+        return math.inf
+    lh = up(up_add(max(lam_c, 0.0), up_mul(pu, eG)) / (1.0 - 2 * pu))
+    return up_sqrt(up_add(up_add(lh, eG), ABS_PAD))
+
+
+def _rel(r: int) -> float:
+    """Relative headroom: an over-estimate of proof A's margin e(s)/s for an r x r Gram."""
+    return 4.0 * (r * _gamma(2 * r + 8) + 4 * U)
+
+
+def _certify_top(G: np.ndarray, eG: float, r: int, lam: float) -> float:
+    """Proof A at s ~ lam (1 + 2 rel), a little above the computed top eigenvalue lam,
+    retried with larger shifts; inf if Cholesky never succeeds (proof B is used then)."""
+    eta = 2.0 * _rel(r)
+    for _ in range(3):
+        s = lam * (1.0 + eta) + eta * eG
+        if s <= 0:
+            break
+        ok, b = _chol_certify(G[None], np.array([s]), np.array([eG]))
+        if ok[0]:
+            return float(b[0])
+        eta *= 64.0
+    return math.inf
+
+
+class _MaxSigma:
+    """Running proven upper bound ``cur`` on max_b sigma_max(K_b) over blocks seen so far."""
+
+    def __init__(self) -> None:
+        self.cur = 0.0
+        self.n_blocks = self.n_pruned = self.n_chol = self.n_exact = 0
+
+    def _shift(self, eG: np.ndarray, r: int) -> np.ndarray:
+        # s such that the certified value s + e(s) stays <= cur^2 (a choice, not a proof).
+        return (self.cur * self.cur - eG - ABS_PAD) * (1.0 - _rel(r))
+
+    def _exact(self, G: np.ndarray, eG: float, u_cheap: float, r: int) -> None:
+        self.n_exact += 1
+        lam = float(torch.linalg.eigvalsh(torch.from_numpy(G)).max())
+        best = min(u_cheap, _eig_bound(lam, eG, r), _certify_top(G, eG, r, lam))
+        self.cur = max(self.cur, best)
+
+    def add(self, K: np.ndarray) -> None:
+        """K: (b, m, n) computed blocks (real or complex)."""
+        self.n_blocks += K.shape[0]
+        ub = _cheap_bounds(K)
+        live = np.nonzero(ub > self.cur)[0]
+        self.n_pruned += K.shape[0] - live.size
+        if live.size == 0:
+            return
+        K, ub = K[live], ub[live]
+        G, eG, r = _grams(K)
+        v = np.ones((G.shape[0], r, 1), dtype=G.dtype)  # Rayleigh estimate, for ordering only
+        for _ in range(3):
+            v = G @ v
+            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
+        est = np.real((v.conj() * (G @ v)).sum(axis=(1, 2)))
+        pending = np.argsort(-est)
+        while pending.size:
+            pending = pending[ub[pending] > self.cur]
+            if pending.size == 0:
+                return
+            s = self._shift(eG[pending], r)
+            hot = (s <= 0) | (est[pending] > s)  # surely fails Cholesky at s
+            if hot.any():  # most likely the largest: certify it exactly first
+                i = pending[np.argmax(hot)]
+                self._exact(G[i], float(eG[i]), float(ub[i]), r)
+                pending = pending[pending != i]
+                continue
+            ok, b = _chol_certify(G[pending], s, eG[pending])
+            self.n_chol += int(ok.sum())
+            if ok.any():
+                self.cur = max(self.cur, float(np.minimum(b, ub[pending])[ok].max()))
+            for i in pending[~ok]:
+                if ub[i] > self.cur:
+                    self._exact(G[i], float(eG[i]), float(ub[i]), r)
+            return
+
+
+# ----------------------------------------------------------------------------- dense
+
+def dense_bound(weight) -> Bound:
+    """Sound upper bound on ||W||_2 for a real (m, n) matrix, float64.
+
+    Candidate: LAPACK SVD sigma_hat of W * 2**-e (exact scaling, max entry in
+    [0.5, 1), so tiny (1e-20, 1e-300) and huge (1e150) weights neither underflow
+    nor overflow).  Proof B: ``sigma <= sigma_hat / (1 - SVD_P(m,n) U)``.
+    Proof A (tight): Cholesky of ``s I - fl(Gram)`` at ``s ~ sigma_hat^2 (1+eta)``.
+    The smaller of the proven values, times 2**e, is returned.  Zero -> 0.
+    """
+    W = np.asarray(weight, dtype=np.float64)
+    if W.ndim != 2:
+        raise ValueError(f"dense_bound needs a 2-D weight, got shape {W.shape}")
+    _require_finite(W, "dense weight")
+    if W.size == 0 or not np.any(W):
+        return Bound(0.0, "svd", "zero matrix")
+    Ws, e = _pow2_scale(W)
+    m, n = Ws.shape
+    pu = SVD_P(m, n) * U
+    with _threads(THREADS):
+        sig = float(np.linalg.svd(Ws, compute_uv=False)[0])
+        svd_b = up_add(up(sig / (1.0 - 2 * pu)), ABS_PAD) if pu < 0.25 else math.inf
+        best, rig = min(svd_b, float(_cheap_bounds(Ws[None])[0])), "svd backward error (proof B)"
+        G, eG, r = _grams(Ws[None])
+        chol_b = _certify_top(G[0], float(eG[0]), r, sig * sig)
+    if chol_b < best:
+        best, rig = chol_b, "Cholesky-verified Gram (proof A, Higham Thm 10.3)"
+    return Bound(_unscale(best, e), "svd", rig,
+                 {"sigma_hat": math.ldexp(sig, e), "svd_p": SVD_P(m, n), "scale_exp": e})
+
+
+# ----------------------------------------------------------------------------- conv
+
+def _axis_plan(n: int, pb: int, pe: int, k: int, d: int, s: int):
+    """Grid N and, for each tap a, (position q, phase r) on one axis (see conv_bound)."""
+    t = d * np.arange(k)
+    keff = d * (k - 1) + 1
+    if s == 1:
+        return max(n + max(pb, pe), n + pb + pe - keff + 1, keff), t, np.zeros(k, dtype=int)
+    return -(-(n + pb + pe) // s), t // s, t % s
+
+
+def _reduce(op: Conv2d):
+    """(G, m, n', T) stride-1 kernel, tap positions (T, 2), grid (Nh, Nw)."""
+    K = op.kernel
+    c_out, cg, kh, kw = K.shape
+    _, h, w = op.input_shape
+    pt, pl, pb, pr = op.padding
+    Nh, qh, rh = _axis_plan(h, pt, pb, kh, op.dilation[0], op.stride[0])
+    Nw, qw, rw = _axis_plan(w, pl, pr, kw, op.dilation[1], op.stride[1])
+    sh, sw = op.stride
+    g = op.groups
+    Kr = K.reshape(g, c_out // g, cg, kh * kw)
+    A = np.arange(kh * kw)
+    Kp = np.zeros((g, c_out // g, cg, sh, sw, kh * kw))
+    Kp[:, :, :, np.repeat(rh, kw), np.tile(rw, kh), A] = Kr
+    pos = np.stack([np.repeat(qh, kw), np.tile(qw, kh)], axis=1)
+    return Kp.reshape(g, c_out // g, cg * sh * sw, kh * kw), pos, (Nh, Nw)
+
+
+def conv_grid(op: Conv2d) -> tuple[int, int]:
+    """The circular grid (Nh, Nw) on which conv_bound bounds ``op`` (after polyphase)."""
+    return _reduce(op)[2]
+
+
+def _half_freqs(Nh: int, Nw: int) -> np.ndarray:
+    wh, ww = np.meshgrid(np.arange(Nh), np.arange(Nw), indexing="ij")
+    wh, ww = wh.ravel(), ww.ravel()
+    keep = wh * Nw + ww <= ((-wh) % Nh) * Nw + (-ww) % Nw
+    return np.stack([wh[keep], ww[keep]], axis=1)
+
+
+def _twiddles(M: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of 2 pi j / M for j < M, each within TWIDDLE_ERR (angle reduced to [0, pi])."""
+    c, s = np.empty(M), np.empty(M)
+    two_pi = 2.0 * math.pi
+    for j in range(M):
+        jj = j if 2 * j <= M else M - j
+        th = two_pi * (jj / M)
+        c[j] = math.cos(th) if j else 1.0
+        s[j] = (math.sin(th) if 2 * j <= M else -math.sin(th)) if j else 0.0
+    return c, s
+
+
+def _block_engine(Kp: np.ndarray, pos: np.ndarray, grid) -> tuple[float, float, dict]:
+    """Max over groups and frequencies of proven sigma bounds; plus the DFT error bound."""
+    g, m, n2, T = Kp.shape
+    Nh, Nw = grid
+    M = Nh * Nw
+    ct, st = _twiddles(M)
+    F = _half_freqs(Nh, Nw)
+    if np.all(pos == pos[0]):  # one tap position: Khat(w) = phase(w) * Khat(0), same sigmas
+        F = F[:1]
+    J = (np.outer(F[:, 0], pos[:, 0]) * Nw + np.outer(F[:, 1], pos[:, 1]) * Nh) % M  # (nF, T)
+    KT = np.ascontiguousarray(Kp.reshape(-1, T).T)  # (T, g m n2)
+
+    def blocks(fidx):
+        out = np.empty((len(fidx), KT.shape[1]), dtype=np.complex128)
+        out.real = ct[J[fidx]] @ KT
+        out.imag = st[J[fidx]] @ KT  # sign of the phase is irrelevant (conjugate blocks)
+        return out.reshape(len(fidx) * g, m, n2)
+
+    fb = max(1, CHUNK_ELEMS // (g * m * n2))
+    order = np.arange(len(F))
+    if len(F) > fb:  # pass 1: cheap bounds, to visit the largest blocks first
+        ub = np.concatenate([_cheap_bounds(blocks(order[i:i + fb])).reshape(-1, g).max(axis=1)
+                             for i in range(0, len(F), fb)])
+        order = np.argsort(-ub, kind="stable")
+    eng = _MaxSigma()
+    for i in range(0, len(F), fb):
+        eng.add(blocks(order[i:i + fb]))
+    # DFT error: per entry |err| <= sqrt2 * delta * S[o,c], S = sum_a |K_a|.
+    delta = up_add(TWIDDLE_ERR, up_mul(_gamma(T), up(1.0 + TWIDDLE_ERR)))
+    S = np.abs(Kp).sum(axis=-1)
+    sfro = max(_inflate(float(np.sqrt(np.sum(S[i] * S[i]))), T + 2 * m * n2 + 4) for i in range(g))
+    eps = up_add(up_mul(up_mul(up(math.sqrt(2.0)), delta), up(sfro)), ABS_PAD)
+    info = {"grid": (Nh, Nw), "blocks": eng.n_blocks, "pruned": eng.n_pruned,
+            "cholesky": eng.n_chol, "exact": eng.n_exact, "dft_err": eps}
+    return eng.cur, eps, info
+
+
+def _engine_bound(Kp, pos, grid, method: str, rigor: str) -> Bound:
+    if not np.any(Kp):
+        return Bound(0.0, method, "zero kernel", {"grid": tuple(grid)})
+    Ks, e = _pow2_scale(Kp)
+    with _threads(THREADS):
+        core, eps, info = _block_engine(Ks, pos, grid)
+    info["core"] = math.ldexp(core, e)
+    return Bound(_unscale(up_add(core, eps), e), method, rigor, info)
+
+
+def conv_bound(op: Conv2d) -> Bound:
+    """Sound upper bound on the spectral norm of a Conv2d (float64, proofs in module doc).
+
+    Reduction (per axis; the 2-D maps are products of the 1-D ones):
+      * dilation d: taps sit at positions t = d a (a larger kernel with zeros).
+      * stride s > 1: x -> xpad (isometric embedding, P = n + p_b + p_e), extended by
+        zeros to s ceil(P/s) (isometry), space-to-depth X'[(c,r)][j] = xpad[c, s j + r]
+        (a permutation).  y[i] = sum_t K_t xpad[s i + t] = sum_{(r,q)} K'[(c,r),q] X'[(c,r)][i+q]
+        with t = s q + r, a stride-1 VALID conv on P' = ceil(P/s) positions whose kernel
+        has ceil(k_eff/s) <= P' taps; the original outputs are a subset (i + q_max <= P'-1):
+        a crop, i.e. a contraction.  Grid N = P'.
+      * a valid conv on P' positions equals, on outputs i <= P'-k', the circular conv on
+        any N >= P' (x embedded at 0..P'-1; indices i+q < N never wrap): crop again.
+      * stride 1 (tighter): embed x at 0..n-1 of an N-grid; output i reads index
+        j = i + t - p_b in [-p_b, n + p_e - 1].  If N >= n + p_b, negative j alias to
+        [N - p_b, N) (outside [0, n), zeros, like the padding); if N >= n + p_e, j in
+        [n, n + p_e) stay outside [0, n); outputs 0..P-k_eff are distinct mod N when
+        N >= P - k_eff + 1.  So y = crop(circular conv on N), N = max(n + max(p_b, p_e),
+        P - k_eff + 1, k_eff).  (The circular conv on the n-grid itself is NOT a bound.)
+      * groups: block diagonal, so the norm is the max over groups.
+    The circular conv on N is block-diagonalised by the 2-D DFT (Sedghi et al. 2019):
+    its norm is max_w ||Khat(w)||_2, Khat(w) = sum_a K'_a exp(-2 pi i <q_a, w/N>); the
+    sum over taps with positions taken mod N folds (never crops) the kernel.  Khat(-w)
+    = conj(Khat(w)), so only half the frequencies are visited.
+    DFT rounding: Khat is computed by a real matrix product over the T taps with
+    twiddles accurate to TWIDDLE_ERR, so each entry errs by <= sqrt2 * delta * S[o,c],
+    delta = TWIDDLE_ERR + gamma(T)(1 + TWIDDLE_ERR), S = sum_a |K_a|; we add
+    ||E(w)||_2 <= sqrt2 * delta * ||S||_F (max over groups).  Each block's sigma is bounded
+    by proof C (pruning), proof A (Cholesky at the running maximum) or eigvalsh + proof A/B.
+    """
+    if not isinstance(op, Conv2d):
+        raise ValueError(f"conv_bound needs a Conv2d, got {type(op).__name__}")
+    _require_finite(op.kernel, "conv kernel")
+    Kp, pos, grid = _reduce(op)
+    return _engine_bound(Kp, pos, grid, "fft-block-svd",
+                         "DFT block diagonalisation + Cholesky-verified blocks")
+
+
+def circular_conv_bound(kernel, grid, groups: int = 1) -> Bound:
+    """Sound upper bound on the circular conv of a (c_out, c_in/g, kh, kw) kernel on grid (Nh, Nw)."""
+    K = np.asarray(kernel, dtype=np.float64)
+    _require_finite(K, "kernel")
+    Nh, Nw = (grid, grid) if np.isscalar(grid) else tuple(int(v) for v in grid)
+    c_out, cg, kh, kw = K.shape
+    pos = np.stack([np.repeat(np.arange(kh), kw), np.tile(np.arange(kw), kh)], axis=1)
+    Kp = K.reshape(groups, c_out // groups, cg, kh * kw)
+    return _engine_bound(Kp, pos, (Nh, Nw), "fft-block-svd", "circular conv, folded kernel")
+
+
+def bound(op) -> Bound:
+    """Sound spectral-norm Bound of a Dense or Conv2d operator (ValueError otherwise)."""
+    if isinstance(op, Dense):
+        return dense_bound(op.weight)
+    if isinstance(op, Conv2d):
+        return conv_bound(op)
+    raise ValueError(f"svd verifier: unsupported operator {type(op).__name__}")
+
+
+# ----------------------------------------------------------------------------- oracles
+
+def _max_sv_fft(Kp: np.ndarray, pos: np.ndarray, Nh: int, Nw: int) -> float:
+    g, m, n2, T = Kp.shape
+    Kf = np.zeros((g, m, n2, Nh, Nw))
+    for a in range(T):  # fold: taps added modulo the grid (never cropped)
+        Kf[..., pos[a, 0] % Nh, pos[a, 1] % Nw] += Kp[..., a]
+    Kh = np.fft.rfft2(Kf, axes=(-2, -1)).reshape(g, m, n2, -1)
+    Kh = np.moveaxis(Kh, -1, 1).reshape(-1, m, n2)
+    step = max(1, CHUNK_ELEMS // (m * n2))
+    return max(float(np.linalg.svd(Kh[i:i + step], compute_uv=False)[:, 0].max())
+               for i in range(0, Kh.shape[0], step))
+
+
+def circular_conv_norm(kernel, grid) -> float:
+    """Spectral norm of the circular conv of a (c_out, c_in, kh, kw) kernel on grid (Nh, Nw).
+
+    float64, no margin (an oracle).  A kernel larger than the grid is folded modulo N.
+    """
+    K = np.asarray(kernel, dtype=np.float64)
+    _require_finite(K, "kernel")
+    Nh, Nw = (grid, grid) if np.isscalar(grid) else tuple(int(v) for v in grid)
+    c_out, c_in, kh, kw = K.shape
+    pos = np.stack([np.repeat(np.arange(kh), kw), np.tile(np.arange(kw), kh)], axis=1)
+    return _max_sv_fft(K.reshape(1, c_out, c_in, kh * kw), pos, Nh, Nw)
+
+
+def continuous_frequency_sup(op: Conv2d, oversample: int = 8) -> float:
+    """max ||Khat(w)||_2 of conv_bound's reduced kernel on the (oversample*Nh, oversample*Nw) grid.
+
+    That grid contains conv_bound's grid, so this is >= conv_bound's core value (up to
+    rounding); it is a LOWER estimate of the continuous supremum (no margin).
+    """
+    _require_finite(op.kernel, "conv kernel")
+    Kp, pos, (Nh, Nw) = _reduce(op)
+    return _max_sv_fft(Kp, pos, oversample * Nh, oversample * Nw)
