@@ -41,8 +41,8 @@ def small_conv(draw):
     s, d = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     pads = tuple(draw(st.integers(0, 1)) for _ in range(4))
     keff = d * (k - 1) + 1
-    h = draw(st.integers(max(1, keff - pads[0] - pads[2]), 4))
-    w = draw(st.integers(max(1, keff - pads[1] - pads[3]), 4))
+    hmin, wmin = max(1, keff - pads[0] - pads[2]), max(1, keff - pads[1] - pads[3])
+    h, w = draw(st.integers(hmin, max(hmin, 4))), draw(st.integers(wmin, max(wmin, 4)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     K = rng.standard_normal((g * cog, cig, k, k))
     return Conv2d(K, (g * cig, h, w), stride=s, padding=pads, dilation=d, groups=g)

@@ -15,14 +15,18 @@ largest block norm bounds ||op||_2:
        isometric embedding of x;
     2. stride s (and dilation d, by spreading the taps to positions d*a): polyphase.
        Tap position d*a = s*q + r maps to offset q and input phase r; the padded
-       input, zero-extended to a multiple of s and rearranged space-to-depth
-       (channels c*s_h*s_w + r_h*s_w + r_w), is again an isometric embedding, and the
-       conv is a stride-1 VALID conv with c_in*s_h*s_w input channels on an
-       N_h x N_w grid, N = ceil(Hp / s);
-    3. a valid conv on an N-grid is a crop (a contraction) of the circular conv
-       on the same grid (no tap wraps for a kept output; SOUNDNESS rule 2 with
-       N >= n + pad); taps are folded modulo N implicitly (phase (w q mod N)/N),
-       never cropped;
+       input rearranged space-to-depth (channel c*s_h*s_w + r_h*s_w + r_w, cell m
+       holds padded position s*m + r) is again an isometric embedding E of x, and
+       the conv reads cell i + q of phase r for output i;
+    3. circular relaxation, per axis on a grid N (``_axis_grid``): y = Crop(C_N(E x))
+       with C_N the stride-1 circular conv (offsets q, taps folded modulo N, never
+       cropped) provided (a) oh <= N and every x cell fits (cell < N), and (b) for
+       every kept output i and tap: the circular read (i + q) mod N is an x cell
+       iff the true read s*i + d*a is, and then it is the same cell.  Crop is a
+       contraction and E an isometry, so ||op|| <= ||C_N||.  N = ceil(Hp / s)
+       always satisfies (b) (no read wraps); we take the smallest N that does
+       (stride 1: N = max(oh, n + max(pad_begin, pad_end)), SOUNDNESS rule 2:
+       N >= n + pad, never the unpadded grid of a padded conv);
     4. the circular conv is block diagonalised by the unitary 2-D DFT:
        ||op|| <= max_{w, group} ||K_hat_g(w)||_2, K_hat(w) = sum_q K'_q e^{2 pi i <w, q/N>}.
        Real kernels give K_hat(-w) = conj(K_hat(w)), so half the frequencies suffice.
@@ -33,7 +37,8 @@ largest block norm bounds ||op||_2:
   part), eps_dft = gamma_P (1 + mu) + mu (+ 2 P eta underflow).  Hence
   ||K_hat_true - K_hat||_2 <= sqrt(2) (eps_dft ||L1||_F + 2 P eta sqrt(#entries)),
   which is passed to GramCert as ``err``.  Blocks with ||K_hat||_F + err <= t are
-  settled by that cheap bound; the others get the Cholesky proof.
+  settled by that cheap bound; the others get the Cholesky proof.  Blocks are
+  computed a chunk of frequencies at a time (one pass over the taps per chunk).
 
 ``power_bound`` = estimate, candidate t = s (1 + delta), prove; on failure the
 candidate s is refined by the failing block's (unproven) Gram eigenvalue and, if
@@ -43,7 +48,6 @@ earlier t stay proven.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -54,12 +58,7 @@ import torch.nn.functional as F
 from certlib.bounds import Bound, Estimate, up, up_add, up_mul, up_sqrt
 
 from .operators import Conv2d, Dense, LinearOperator
-try:
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-    threadpool_limits = None
-
-from .rump import ETA, U, GramCert, down, gamma, l2_upper
+from .rump import ETA, U, DenseFamily, _pow2_rescale, down, gamma, l2_upper, prove_family
 
 __all__ = ["estimate", "prove", "power_bound", "MU_TWIDDLE", "ESTIMATE_SHADE",
            "DenseFamily", "ConvFamily", "family", "prove_family"]
@@ -144,61 +143,47 @@ def estimate(op: LinearOperator, n_iter: int = 100, v0=None, dtype=np.float32,
 
 
 # ----------------------------------------------------------------- block families
-def _rescale(a: np.ndarray) -> tuple[np.ndarray, int]:
-    """(a * 2^k, k) with max |a 2^k| in [0.5, 1) when that scaling is exact, else (a, 0)."""
-    m = float(np.max(np.abs(a))) if a.size else 0.0
-    if m == 0.0 or not math.isfinite(m):
-        return a, 0
-    k = -math.frexp(m)[1]
-    b = np.ldexp(a, k)
-    return (b, k) if np.array_equal(np.ldexp(b, -k), a) else (a, 0)
+def _axis_ok(n: int, pb: int, pe: int, k: int, d: int, s: int, N: int) -> bool:
+    """Conditions (a), (b) of the module docstring, step 3, for one axis and grid N."""
+    oh = (n + pb + pe - d * (k - 1) - 1) // s + 1
+    if N < oh or N < (pb + n - 1) // s + 1:
+        return False
+    for a in range(k):
+        q, r = divmod(d * a, s)
+        for i in range(oh):
+            pos, m = s * i + d * a, (i + q) % N
+            inside, inside_c = pb <= pos < pb + n, pb <= s * m + r < pb + n
+            if inside != inside_c or (inside and m != i + q):
+                return False
+    return True
 
 
-def _to_scaled(t: float, k: int) -> float:
-    """t * 2^k rounded DOWN (proving a smaller scaled t is the stronger statement)."""
-    ts = math.ldexp(t, k)
-    return ts if math.ldexp(ts, -k) == t else down(ts)
-
-
-def _from_scaled(ts: float, k: int) -> float:
-    """ts * 2^-k rounded UP."""
-    t = math.ldexp(ts, -k)
-    return t if math.ldexp(t, k) == ts else up(t)
-
-
-class DenseFamily:
-    """One exact block: a float matrix (Dense weight, or an exact explicit matrix),
-    scaled by the exact power of two 2^k (attribute k) like every family."""
-
-    def __init__(self, M: np.ndarray, kind: str = "dense"):
-        self.M, self.k = _rescale(np.asarray(M, np.float64))
-        self.kind, self.n_blocks = kind, 1
-
-    def screen(self):
-        return np.array([l2_upper(self.M)]), np.zeros(1)
-
-    def block(self, i: int):
-        return self.M, 0.0
+def _axis_grid(n: int, pb: int, pe: int, k: int, d: int, s: int) -> int:
+    """The smallest valid grid; ceil((n + pads) / s) is always valid (no read wraps)."""
+    top = -(-(n + pb + pe) // s)
+    lo = max(1, (n + pb + pe - d * (k - 1) - 1) // s + 1, (pb + n - 1) // s + 1)
+    return next(N for N in range(lo, top + 1) if _axis_ok(n, pb, pe, k, d, s, N))
 
 
 class ConvFamily:
     """DFT blocks of the polyphase circular relaxation of a Conv2d (module docstring)."""
 
     def __init__(self, op: Conv2d, chunk: int = 8, grid=None, check_grid: bool = True):
-        """grid: circular grid (N_h, N_w); default and minimum ceil((n + pads) / stride).
-        A larger grid is also sound.  check_grid=False (tests only) allows a smaller
-        grid: then the blocks are those of the circular conv on that grid (taps
-        folded modulo N), which does NOT bound op."""
-        K, self.k = _rescale(op.kernel)
+        """grid: circular grid (N_h, N_w); default the smallest valid one (module
+        docstring, step 3); another grid must pass the same check.  check_grid=False
+        (tests only) allows any grid: then the blocks are those of the circular conv
+        on that grid (taps folded modulo N), which need NOT bound op."""
+        K, self.k = _pow2_rescale(op.kernel, 0)
         co, cig, kh, kw = K.shape
         (dh, dw), (sh, sw), g = op.dilation, op.stride, op.groups
         pt, pl, pb, pr = op.padding
         _, h, w = op.input_shape
-        self.grid = (-(-(h + pt + pb) // sh), -(-(w + pl + pr) // sw))
+        self.grid = (_axis_grid(h, pt, pb, kh, dh, sh), _axis_grid(w, pl, pr, kw, dw, sw))
         if grid is not None:
             grid = (int(grid[0]), int(grid[1]))
-            if check_grid and (grid[0] < self.grid[0] or grid[1] < self.grid[1]):
-                raise ValueError(f"grid {grid} is smaller than {self.grid}: not a relaxation of op")
+            if check_grid and not (_axis_ok(h, pt, pb, kh, dh, sh, grid[0])
+                                   and _axis_ok(w, pl, pr, kw, dw, sw, grid[1])):
+                raise ValueError(f"grid {grid} is not a valid circular relaxation of this conv")
             self.grid = grid
         offs, index = [], {}
         ci2 = cig * sh * sw
@@ -216,12 +201,17 @@ class ConvFamily:
         self.taps = np.stack(taps)                                  # (P, co, ci2)
         self.offs = np.array(offs, dtype=np.int64)
         self.groups, self.cog, self.ci2, self.chunk = g, co // g, ci2, chunk
+        self.stacked = True       # blocks() yields [Re; Im] stacks
         Nh, Nw = self.grid
         wh, ww = np.meshgrid(np.arange(Nh), np.arange(Nw), indexing="ij")
         wh, ww = wh.ravel(), ww.ravel()
         keep = (wh * Nw + ww) <= ((-wh) % Nh) * Nw + (-ww) % Nw      # one of each {w, -w}
-        self.freqs = np.stack([wh[keep], ww[keep]], axis=1)
+        freqs = np.stack([wh[keep], ww[keep]], axis=1)
+        # a fixed scrambled order: the norm is smooth in w, so the natural order would
+        # raise the candidate t many times (each a refinement); any order is sound
+        self.freqs = freqs[np.random.default_rng(0).permutation(len(freqs))]
         self.n_blocks = len(self.freqs) * g
+        self.parallel = self.n_blocks >= 64 and self.cog * self.ci2 >= 128 * 128
         L = Nh * Nw
         step = math.tau / L
         self.cos = np.array([math.cos(step * j) for j in range(L)])
@@ -233,7 +223,8 @@ class ConvFamily:
         for gi in range(g):
             tg = np.abs(self.taps[:, gi * self.cog:(gi + 1) * self.cog, :])
             l1f = up(l2_upper(tg.sum(axis=0)) / down(1.0 - gamma(P)))
-            e = up_add(up_mul(eps, l1f), up_mul(2 * P * ETA, up_sqrt(tg[0].size))) if tg.any() else 0.0
+            under = up_mul(2 * P * ETA, up_sqrt(tg[0].size))        # underflow of the products
+            e = up_add(up_mul(eps, l1f), under) if tg.any() else 0.0
             self.err.append(up_mul(up(math.sqrt(2.0)), e) if e > 0 else 0.0)
 
     def _twiddles(self, freqs: np.ndarray):
@@ -243,33 +234,38 @@ class ConvFamily:
         return self.cos[j], self.sin[j]
 
     def _mats(self, freqs: np.ndarray, gi: int) -> np.ndarray:
+        """(F, 2*cog, ci2): per frequency the stacked [Re K_hat; Im K_hat] (contiguous)."""
         c, s = self._twiddles(freqs)
-        T = self.taps[:, gi * self.cog:(gi + 1) * self.cog, :].reshape(len(self.offs), -1)
-        out = (c @ T) + 1j * (s @ T)                       # length-P dot products
-        return out.reshape(len(freqs), self.cog, self.ci2)
+        n, P = len(freqs), len(self.offs)
+        W = np.empty((n, 2, P))
+        W[:, 0], W[:, 1] = c, s
+        T = self.taps[:, gi * self.cog:(gi + 1) * self.cog, :].reshape(P, -1)
+        return (W.reshape(2 * n, P) @ T).reshape(n, 2 * self.cog, self.ci2)   # length-P dots
 
     def block(self, i: int):
+        """(complex K_hat, err) of block i."""
         gi, fi = divmod(i, len(self.freqs))
-        return self._mats(self.freqs[fi:fi + 1], gi)[0], self.err[gi]
+        C = self._mats(self.freqs[fi:fi + 1], gi)[0]
+        return C[:self.cog] + 1j * C[self.cog:], self.err[gi]
 
-    def screen(self, iters: int = 2):
-        """Per block: a sound Frobenius upper bound (+err), and a crude power estimate."""
+    def chunks(self):
         nf = len(self.freqs)
-        frob, crude = np.empty(self.n_blocks), np.empty(self.n_blocks)
-        rng = np.random.default_rng(0)
-        for gi in range(self.groups):
-            for lo in range(0, nf, self.chunk):
-                fr = self.freqs[lo:lo + self.chunk]
-                Ms = self._mats(fr, gi)
-                for k, M in enumerate(Ms):
-                    f = l2_upper(M)
-                    frob[gi * nf + lo + k] = up_add(f, self.err[gi]) if f or self.err[gi] else 0.0
-                v = rng.standard_normal((len(fr), self.ci2, 1)) + 0j
-                for _ in range(iters):
-                    v = np.conj(np.swapaxes(Ms, 1, 2)) @ (Ms @ v)
-                    v /= np.linalg.norm(v, axis=1, keepdims=True) + 1e-300
-                crude[gi * nf + lo: gi * nf + lo + len(fr)] = np.linalg.norm(Ms @ v, axis=(1, 2))
-        return frob, crude
+        return [list(range(gi * nf + lo, gi * nf + min(lo + self.chunk, nf)))
+                for gi in range(self.groups) for lo in range(0, nf, self.chunk)]
+
+    def blocks(self, idx):
+        """[(C, err, frob)] for block indices of one group (a chunk): C = stacked
+        [Re; Im] of the computed K_hat, the bound on its DFT error, and a sound bound
+        on ||K_hat_true||_F."""
+        nf = len(self.freqs)
+        gi = idx[0] // nf
+        Cs = self._mats(self.freqs[[i - gi * nf for i in idx]], gi)
+        e = self.err[gi]
+        out = []
+        for C in Cs:
+            f = l2_upper(C)
+            out.append((C, e, up_add(f, e) if f or e else 0.0))
+        return out
 
 
 def _explicit_exact(op: Conv2d):
@@ -298,66 +294,13 @@ def family(op: LinearOperator, mode: str = "auto", explicit_max: int = 1024):
     return ConvFamily(op)
 
 
-def _cand(s: float, delta: float) -> float:
-    return up_mul(s, up_add(1.0, delta)) if s > 0 else 0.0
-
-
-def _blas_threads(n):
-    if n is None or threadpool_limits is None:
-        return contextlib.nullcontext()
-    return threadpool_limits(n)
-
-
-def prove_family(fam, *, t: float | None = None, s0: float = 0.0, delta0: float = 1e-6,
-                 refine=None, max_delta: float = 10.0, blas_threads: int | None = 1):
-    """Prove every block of fam has norm <= t.  With t given: fixed t, returns
-    (t, stats) or None.  Otherwise t = s (1+delta) grows as described in the module
-    docstring; ``refine(cert, i) -> float`` is the estimate used on a failing block.
-    The blocks are many small BLAS calls: ``blas_threads`` (default 1) limits BLAS
-    threading, which is faster at these sizes on a loaded machine."""
-    with _blas_threads(blas_threads):
-        return _prove_family(fam, t, s0, delta0, refine, max_delta)
-
-
-def _prove_family(fam, t, s0, delta0, refine, max_delta):
-    # work in the family's units (op scaled by 2^k); refine() answers in those units
-    frob, crude = fam.screen()
-    stats = {"blocks": fam.n_blocks, "by_frobenius": 0, "cholesky": 0, "refinements": 0}
-    fixed = t is not None
-    if fixed:
-        t = _to_scaled(float(t), fam.k)
-    s, delta = max(math.ldexp(float(s0), fam.k), 0.0), float(delta0)
-    if not fixed:
-        t = _cand(s, delta)
-    for i in np.argsort(-crude, kind="stable"):
-        if frob[i] <= t:
-            stats["by_frobenius"] += 1
-            continue
-        M, err = fam.block(int(i))
-        cert = GramCert(M, err)
-        stats["cholesky"] += 1
-        while not cert.check(t):
-            if fixed:
-                return None
-            stats["refinements"] += 1
-            s_new = max(s, float(refine(cert, int(i))))
-            t_new = _cand(s_new, delta)
-            if t_new <= t:
-                delta *= 10.0
-                if delta > max_delta:
-                    raise RuntimeError(f"could not prove a bound near {s_new!r} (delta > {max_delta})")
-                t_new = _cand(s_new, delta)
-            s, t = s_new, max(t, t_new)
-    stats.update(delta=delta, estimate_refined=math.ldexp(s, -fam.k))
-    return _from_scaled(t, fam.k), stats
-
-
-def prove(op: LinearOperator, t: float, mode: str = "auto") -> Bound | None:
+def prove(op: LinearOperator, t: float, mode: str = "auto",
+          workers: int | None = None) -> Bound | None:
     """A Bound with value t if t >= ||op||_2 is proven (Rump), else None.  For DFT
     blocks the proof is of the circular relaxation, so it can fail for t between
     the true norm and the relaxation's norm; it never succeeds below the truth."""
     fam = family(op, mode)
-    res = prove_family(fam, t=float(t))
+    res = prove_family(fam, t=float(t), workers=workers)
     if res is None:
         return None
     return Bound(float(t), "power-prove", "rump-cholesky", info={"family": _kind(fam), **res[1]})
@@ -369,7 +312,8 @@ def _kind(fam) -> str:
 
 def power_bound(op: LinearOperator, delta0: float = 1e-6, n_iter: int = 50,
                 dtype=np.float32, tol: float = 1e-5, v0=None, mode: str = "auto",
-                max_delta: float = 10.0, blas_threads: int | None = 1) -> Bound:
+                max_delta: float = 10.0, blas_threads: int | None = 1,
+                workers: int | None = None) -> Bound:
     """Estimate by power iteration, then prove t = s (1 + delta), raising delta x10
     (and refining s on the failing block) until the proof succeeds."""
     t0 = time.perf_counter()
@@ -377,7 +321,7 @@ def power_bound(op: LinearOperator, delta0: float = 1e-6, n_iter: int = 50,
     t1 = time.perf_counter()
     fam = family(op, mode)
     t, stats = prove_family(fam, s0=est.value, delta0=delta0, max_delta=max_delta,
-                            refine=lambda cert, i: cert.estimate(), blas_threads=blas_threads)
+                            blas_threads=blas_threads, workers=workers)
     t2 = time.perf_counter()
     return Bound(t, "power", "rump-cholesky", info={
         "estimate": est.value, "iterations": est.info["iterations"],

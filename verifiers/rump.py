@@ -30,6 +30,15 @@ Assumptions (stated, not provable from Python):
     multiplication by a rounded reciprocal (one extra rounding: gamma_{n+1} ->
     gamma_{n+2}, at most a factor 1.5 on c) with room to spare.
 
+Families (``prove_family``): ||op||_2 <= max over the blocks of a family (one
+matrix; or the DFT blocks of a convolution, power.ConvFamily), each block known up
+to an error bound.  Every block is proven <= t by ``GramCert``; t = s (1 + delta)
+starts from an estimate s, and a failing block raises s to its (unproven) estimate,
+or, if t would not move, delta x10.  t only grows, so blocks proven for an earlier
+t stay proven; worker processes can take shares of the blocks (result: the largest t).
+A family is scaled by an exact power of two 2^k (attribute k); t is scaled back
+rounded up.
+
 Spectral norms (``prove_norm_leq``): ||M||_2 <= t  <=>  t^2 I - M^H M is positive
 semidefinite.  The Gram matrix is formed in float64 and its rounding error is
 bounded rigorously and subtracted before the Cholesky check (see ``GramCert``);
@@ -38,16 +47,26 @@ or the block matrix [[t I, M^H], [M, t I]] (PD iff t > ||M||_2) is checked direc
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import scipy.linalg
 from scipy.linalg import lapack
 
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+    threadpool_limits = None
+
 from certlib.bounds import up, up_add, up_mul
 
 __all__ = ["U", "ETA", "SAFETY", "gamma", "down", "rump_shift", "is_spd", "real_embedding",
-           "l2_upper", "GramCert", "prove_norm_leq"]
+           "l2_upper", "GramCert", "prove_norm_leq", "DenseFamily", "prove_family"]
 
 U = 2.0 ** -53          #: unit roundoff of binary64, round to nearest
 ETA = 2.0 ** -1074      #: underflow unit: smallest positive subnormal (>= any underflow error)
@@ -84,13 +103,14 @@ def real_embedding(H: np.ndarray) -> np.ndarray:
 
 
 def _pow2_rescale(A: np.ndarray, target_exp: int) -> tuple[np.ndarray, int]:
-    """Scale A by 2^k so that max|A| lies in [2^(target-1), 2^target), when exact."""
+    """(A 2^k, k) with max|A 2^k| in [2^(target-1), 2^target), when that is exact."""
     m = float(np.max(np.abs(A))) if A.size else 0.0
     if m == 0.0 or not math.isfinite(m):
         return A, 0
     k = target_exp - math.frexp(m)[1]
     As = np.ldexp(A, k)
-    if np.all(np.isfinite(As)) and np.array_equal(np.ldexp(As, -k), A):
+    # scaling up cannot lose bits (no overflow: max < 2^target); scaling down may (subnormals)
+    if k >= 0 or np.array_equal(np.ldexp(As, -k), A):
         return As, k
     return A, 0
 
@@ -116,31 +136,39 @@ def is_spd(A) -> bool:
         return False
     if not np.array_equal(A64, A64.T):
         raise ValueError("matrix is not exactly symmetric")
-    n = A64.shape[0]
-    if n == 0:
+    if A64.shape[0] == 0:
         return True
-    if np.any(np.diag(A64) <= 0):
-        return False
     A64, _ = _pow2_rescale(A64, 1)   # PD is invariant under exact scaling by 2^k
-    d = np.diag(A64)
+    return _rump_cholesky(np.array(A64, dtype=np.float64, order="C"))
+
+
+def _rump_cholesky(S: np.ndarray) -> bool:
+    """Rump's check on the symmetric matrix whose LOWER triangle (row-major view) is
+    that of S, i.e. the upper triangle LAPACK reads from the column-major S^T; the
+    other triangle is ignored.  S: float64, finite, n >= 1 (not re-checked); it is
+    overwritten.  C-contiguous S costs no copy; F-contiguous S must be symmetric."""
+    n = S.shape[0]
+    d = np.diag(S).copy()
+    if np.any(d <= 0):
+        return False
     c = rump_shift(n, up(math.fsum(d.tolist())), float(d.max()))
-    At = np.array(A64, dtype=np.float64, order="F", copy=True)
     shifted = np.nextafter(d - c, -np.inf)        # <= A_ii - c exactly
     if np.any(shifted <= 0):
         return False
+    At = S.T if S.flags.c_contiguous else S       # column-major view, no copy
     At[np.diag_indices(n)] = shifted
-    R, info = lapack.dpotrf(At, lower=0, clean=1, overwrite_a=1)
-    if info != 0:
-        return False
+    R, info = lapack.dpotrf(At, lower=0, clean=0, overwrite_a=1)
+    # an overflow (inf) or NaN anywhere in column j reaches r_jj (r_jj = sqrt(a_jj -
+    # sum r_kj^2)), and some kernels do not flag NaN: check every diagonal element
     rd = np.diag(R)
-    return bool(np.all(np.isfinite(R)) and np.all(rd > 0))
+    return bool(info == 0 and np.all(np.isfinite(rd)) and np.all(rd > 0))
 
 
 def l2_upper(x: np.ndarray, squared: bool = False) -> float:
     """Upper bound on the exact 2-norm (or its square) of the float array x (real/complex)."""
-    x = np.asarray(x)
-    v = np.concatenate([x.real.ravel(), x.imag.ravel()]) if np.iscomplexobj(x) else x.ravel()
-    v = np.asarray(v, dtype=np.float64)
+    x = np.ascontiguousarray(x)
+    v = (x.astype(np.complex128, copy=False).view(np.float64) if np.iscomplexobj(x)
+         else x.astype(np.float64, copy=False)).ravel()       # real and imaginary parts
     L = v.size
     if L == 0 or not np.any(v):
         return 0.0
@@ -163,42 +191,61 @@ class GramCert:
         complex: |Re E_ij|, |Im E_ij| <= gamma_{2m+1} (|M|^T|M|)_ij
     (G_re = [A;B]^T[A;B], G_im = X - X^T with X = A^T B; Cauchy-Schwarz gives the
     |M| bound), so ||E||_2 <= ||E||_F <= (sqrt 2) gamma ||M||_F^2 (+ underflow terms).
-    ``check(t)`` proves (t - err)^2 I - M^H M is PD via ``is_spd``.
+    ``check(t)`` proves (t - err)^2 I - M^H M is PD with Rump's check on the float
+    matrix S = s I - G (diagonal rounded down, s <= (t - err)^2 - ||E||_2 rounded
+    down; the real embedding when complex): S PD => (t-err)^2 I - M^H M PD.
     """
 
-    def __init__(self, M: np.ndarray, err: float = 0.0):
+    def __init__(self, M: np.ndarray, err: float = 0.0, *, stacked: bool = False):
+        """M: a real or complex matrix; or, with stacked=True, the real (2m, n) array
+        [Re M; Im M] (what ConvFamily produces, no copy needed)."""
         M = np.asarray(M)
-        if np.iscomplexobj(M) and not np.any(M.imag):
-            M = M.real
-        M = np.asarray(M, dtype=np.complex128 if np.iscomplexobj(M) else np.float64)
-        if M.ndim != 2:
-            raise ValueError(f"expected a matrix, got shape {M.shape}")
-        if not np.all(np.isfinite(M)):
-            raise ValueError("matrix has non-finite entries")
-        if M.shape[0] < M.shape[1]:
-            M = M.T                      # same singular values; Gram of the smaller side
-        part = np.abs(np.concatenate([M.real.ravel(), M.imag.ravel()])) if np.iscomplexobj(M) else M
-        _, k = _pow2_rescale(np.asarray(part), 0) if M.size else (None, 0)
+        if stacked:
+            if M.ndim != 2 or M.shape[0] % 2:
+                raise ValueError(f"stacked [Re; Im] needs an even number of rows, got {M.shape}")
+            m2 = M.shape[0] // 2
+            if not np.any(M[m2:]):
+                M, stacked = M[:m2], False
+            elif m2 < M.shape[1]:       # transpose both parts: Gram of the smaller side
+                M = np.concatenate([M[:m2].T, M[m2:].T], axis=0)
+        else:
+            if M.ndim != 2:
+                raise ValueError(f"expected a matrix, got shape {M.shape}")
+            if np.iscomplexobj(M):
+                M = M.astype(np.complex128, copy=False)
+                if M.shape[0] < M.shape[1]:
+                    M = M.T              # same singular values; Gram of the smaller side
+                stacked = bool(np.any(M.imag))
+                M = np.concatenate([M.real, M.imag], axis=0) if stacked else M.real
+            if not stacked and M.shape[0] < M.shape[1]:
+                M = M.T
+        M = np.ascontiguousarray(M, dtype=np.float64)
+        fro2 = l2_upper(M, squared=True)     # ||M||_F^2 (real and imaginary parts)
+        if not math.isfinite(fro2):
+            mx = float(np.max(np.abs(M)))
+            if not math.isfinite(mx):
+                raise ValueError("matrix has non-finite entries")
+        k = 0
+        if not (2.0 ** -300 <= math.sqrt(fro2) <= 2.0 ** 300):   # rescale extreme ranges only
+            M, k = _pow2_rescale(M, 0)
+            fro2 = l2_upper(M, squared=True)
         self.k = k                       # M is scaled by 2^k exactly (err too, rounded up)
-        M = np.ldexp(M.real, k) + 1j * np.ldexp(M.imag, k) if np.iscomplexobj(M) else np.ldexp(M, k)
         self.err = up(math.ldexp(float(err), k)) if err else 0.0
         self.zero = not np.any(M)
-        m, n = M.shape
-        self.n, self.complex = n, np.iscomplexobj(M)
-        if self.complex:
-            A, B = M.real, M.imag
-            C = np.concatenate([A, B], axis=0)
-            Gr = C.T @ C
-            Gr = np.triu(Gr) + np.triu(Gr, 1).T
-            X = A.T @ B
-            self.Gr, self.Gi = Gr, X - X.T
-            g = gamma(2 * m + 1)
-            e = up_mul(up_mul(SQRT2_UP, g), l2_upper(M, squared=True))
+        self.complex = stacked
+        # Only the lower triangle of Gr is used (each entry a computed dot product);
+        # Gi = fl(X - X^T) is exactly antisymmetric.
+        if stacked:
+            m, n = M.shape[0] // 2, M.shape[1]
+            X = M[:m].T @ M[m:]                               # A^T B
+            self.Gr, self.Gi = M.T @ M, X - X.T               # [A;B]^T [A;B] = A^TA + B^TB
+            e = up_mul(up_mul(SQRT2_UP, gamma(2 * m + 1)), fro2)
             e = up_add(e, up_mul(4 * n * m, ETA))
         else:
-            G = M.T @ M
-            self.Gr, self.Gi = np.triu(G) + np.triu(G, 1).T, None
-            e = up_add(up_mul(gamma(m), l2_upper(M, squared=True)), up_mul(n * m, ETA))
+            m, n = M.shape
+            self.Gr, self.Gi = M.T @ M, None
+            e = up_add(up_mul(gamma(m), fro2), up_mul(n * m, ETA))
+        self.n = n
         self.gram_err = e
 
     def _scaled_t(self, t: float) -> float:
@@ -218,18 +265,27 @@ class GramCert:
         s = down(down(t1 * t1) - self.gram_err)
         if not (s > 0 and math.isfinite(s)):
             return False
-        S = -self.Gr
-        S[np.diag_indices(self.n)] = np.nextafter(s - np.diag(self.Gr), -np.inf)
-        if self.complex:                   # s I - (Gr + i Gi) = X + iY, X = S, Y = -Gi
-            S = np.block([[S, self.Gi], [-self.Gi, S]])
-        return is_spd(S)
+        n = self.n
+        dg = np.nextafter(s - np.diag(self.Gr), -np.inf)   # <= s - G_ii exactly
+        if self.complex:    # s I - (Gr + i Gi) = X + iY: embedding [[X, -Y], [Y, X]], Y = -Gi
+            S = np.empty((2 * n, 2 * n))           # only the lower triangle is read
+            np.negative(self.Gr, out=S[:n, :n])
+            S[n:, n:] = S[:n, :n]
+            np.negative(self.Gi, out=S[n:, :n])
+            S[:n, n:] = 0.0                         # (unread)
+            S[np.diag_indices(2 * n)] = np.concatenate([dg, dg])
+        else:
+            S = np.negative(self.Gr)
+            S[np.diag_indices(n)] = dg
+        return _rump_cholesky(S)
 
     def estimate(self) -> float:
         """sqrt(lambda_max(fl(Gram))) / 2^k + err: an ESTIMATE of ||M_true||_2 (not proven)."""
         if self.zero:
             return self.err * 2.0 ** -self.k
         H = self.Gr + 1j * self.Gi if self.complex else self.Gr
-        lam = scipy.linalg.eigh(H, eigvals_only=True, subset_by_index=[self.n - 1, self.n - 1])
+        lam = scipy.linalg.eigh(H, lower=True, eigvals_only=True, check_finite=False,
+                                subset_by_index=[self.n - 1, self.n - 1])
         return (math.sqrt(max(float(lam[0]), 0.0)) + self.err) * 2.0 ** -self.k
 
 
@@ -252,3 +308,155 @@ def prove_norm_leq(M, t: float, *, err: float = 0.0, method: str = "gram") -> bo
     m, n = R.shape
     S = np.block([[t1 * np.eye(n), R.T], [R, t1 * np.eye(m)]])
     return is_spd(S)
+
+
+# ----------------------------------------------------------------- families of blocks
+def _to_scaled(t: float, k: int) -> float:
+    """t * 2^k rounded DOWN (proving a smaller scaled t is the stronger statement)."""
+    ts = math.ldexp(t, k)
+    return ts if math.ldexp(ts, -k) == t else down(ts)
+
+
+def _from_scaled(ts: float, k: int) -> float:
+    """ts * 2^-k rounded UP."""
+    t = math.ldexp(ts, -k)
+    return t if math.ldexp(t, k) == ts else up(t)
+
+
+class DenseFamily:
+    """One exact block: a float matrix (Dense weight, or an exact explicit matrix),
+    scaled by the exact power of two 2^k (attribute k) like every family."""
+
+    def __init__(self, M: np.ndarray, kind: str = "dense"):
+        self.M, self.k = _pow2_rescale(np.asarray(M, np.float64), 0)
+        self.kind, self.n_blocks, self.stacked = kind, 1, False
+
+    def chunks(self):
+        return [[0]]
+
+    def blocks(self, idx):
+        """[(M, err, frob)]: the block, the bound on its error, a sound ||M_true||_F bound."""
+        return [(self.M, 0.0, l2_upper(self.M))]
+
+    def block(self, i: int):
+        return self.M, 0.0
+
+
+def _cand(s: float, delta: float) -> float:
+    return up_mul(s, up_add(1.0, delta)) if s > 0 else 0.0
+
+
+def _blas_threads(n):
+    if n is None or threadpool_limits is None:
+        return contextlib.nullcontext()
+    return threadpool_limits(n)
+
+
+def _auto_workers(fam) -> int:
+    """Worker processes for families that ask for them (``fam.parallel``: many large
+    blocks) where fork exists (Linux), else 1."""
+    if not getattr(fam, "parallel", False) or "fork" not in mp.get_all_start_methods():
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def prove_family(fam, *, t: float | None = None, s0: float = 0.0, delta0: float = 1e-6,
+                 refine=None, max_delta: float = 10.0, blas_threads: int | None = 1,
+                 workers: int | None = None):
+    """Prove every block of fam has norm <= t.  With t given: fixed t, returns
+    (t, stats) or None.  Otherwise t = s (1+delta) grows (see "Families" in the module
+    docstring); ``refine(cert, i) -> float`` is the estimate used on a failing block
+    (default: the block's Gram top eigenvalue, ``GramCert.estimate``).
+    The blocks are many small BLAS calls: ``blas_threads`` (default 1) limits BLAS
+    threading, which is faster at these sizes on a loaded machine; instead, shares
+    of the chunks may go to ``workers`` forked processes (None: automatic, more than
+    one only for families with ``parallel`` set, on Linux), each running this same
+    algorithm from the t set by the first chunk; the result is the largest t.
+    ``refine`` then runs in the children (its side effects stay there)."""
+    if refine is None:
+        def refine(cert, i):
+            return cert.estimate()
+    workers = _auto_workers(fam) if workers is None else max(1, int(workers))
+    with _blas_threads(blas_threads):
+        return _prove_family(fam, t, s0, delta0, refine, max_delta, workers)
+
+
+class _Runner:
+    """The sequential algorithm over chunks of blocks, with t, s, delta and stats."""
+
+    def __init__(self, fam, t, s, delta, refine, max_delta, fixed):
+        self.fam, self.t, self.s, self.delta = fam, t, s, delta
+        self.refine, self.max_delta, self.fixed = refine, max_delta, fixed
+        self.stats = {"by_frobenius": 0, "cholesky": 0, "refinements": 0}
+
+    def run(self, chunks) -> bool:
+        """False only in fixed-t mode, as soon as a block fails."""
+        fam, st = self.fam, self.stats
+        for idx in chunks:
+            for i, (M, err, frob) in zip(idx, fam.blocks(idx)):
+                if frob <= self.t:
+                    st["by_frobenius"] += 1
+                    continue
+                cert = GramCert(M, err, stacked=fam.stacked)
+                st["cholesky"] += 1
+                while not cert.check(self.t):
+                    if self.fixed:
+                        return False
+                    st["refinements"] += 1
+                    self._raise(float(self.refine(cert, int(i))))
+        return True
+
+    def _raise(self, est: float) -> None:
+        s_new = max(self.s, est)
+        t_new = _cand(s_new, self.delta)
+        if t_new <= self.t:
+            self.delta *= 10.0
+            if self.delta > self.max_delta:
+                raise RuntimeError(
+                    f"could not prove a bound near {s_new!r} (delta > {self.max_delta})")
+            t_new = _cand(s_new, self.delta)
+        self.s, self.t = s_new, max(self.t, t_new)
+
+
+_WORKER_RUNNER = None
+
+
+def _worker_run(chunks):
+    r = _WORKER_RUNNER                    # inherited through fork; mutated in the child only
+    r.stats = dict.fromkeys(r.stats, 0)   # count this share only
+    ok = r.run(chunks)
+    return ok, r.t, r.s, r.delta, r.stats
+
+
+def _prove_family(fam, t, s0, delta0, refine, max_delta, workers=1):
+    # work in the family's units (op scaled by 2^k); refine() answers in those units.
+    # t only grows, so a block proven for an earlier t stays proven: workers each run
+    # the sequential algorithm on a share of the chunks, the result is the largest t.
+    global _WORKER_RUNNER
+    fixed = t is not None
+    s, delta = max(math.ldexp(float(s0), fam.k), 0.0), float(delta0)
+    t = _to_scaled(float(t), fam.k) if fixed else _cand(s, delta)
+    r = _Runner(fam, t, s, delta, refine, max_delta, fixed)
+    chunks = fam.chunks()
+    first = 1 if (workers > 1 and len(chunks) > workers) else len(chunks)
+    if not r.run(chunks[:first]):             # here: the first candidate t
+        return None
+    if first < len(chunks):
+        shares = [chunks[first + w::workers] for w in range(workers)]
+        _WORKER_RUNNER = r
+        try:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+                results = list(ex.map(_worker_run, shares))
+        except (OSError, AssertionError, BrokenProcessPool):   # e.g. a daemonic process
+            results = [(r.run(chunks[first:]), r.t, r.s, r.delta, dict.fromkeys(r.stats, 0))]
+        finally:
+            _WORKER_RUNNER = None
+        for ok, t_w, s_w, d_w, st_w in results:
+            if not ok:
+                return None
+            r.t, r.s, r.delta = max(r.t, t_w), max(r.s, s_w), max(r.delta, d_w)
+            for key in r.stats:
+                r.stats[key] += st_w[key]
+    stats = {"blocks": fam.n_blocks, **r.stats, "delta": r.delta,
+             "estimate_refined": math.ldexp(r.s, -fam.k), "workers": workers}
+    return _from_scaled(r.t, fam.k), stats

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import cvxpy as cp
 import numpy as np
@@ -30,8 +31,8 @@ import numpy as np
 from certlib.bounds import Bound
 
 from .operators import Conv2d, Dense, LinearOperator
-from .power import ConvFamily, DenseFamily, family, prove_family
-from .rump import real_embedding
+from .power import ConvFamily, family
+from .rump import DenseFamily, prove_family, real_embedding
 
 __all__ = ["solve_norm_sdp", "sdp_bound", "DEFAULT_SOLVER", "FALLBACK_SOLVER"]
 
@@ -62,7 +63,9 @@ def solve_norm_sdp(M, solver: str | None = None) -> tuple[float, dict]:
     for name in ([solver] if solver else [DEFAULT_SOLVER, FALLBACK_SOLVER]):
         t0 = time.perf_counter()
         try:
-            prob.solve(solver=name, **_OPTIONS.get(name, {}))
+            with warnings.catch_warnings():   # "inaccurate" is recorded in the status
+                warnings.simplefilter("ignore", UserWarning)
+                prob.solve(solver=name, **_OPTIONS.get(name, {}))
         except (cp.SolverError, ValueError) as e:
             errors.append(f"{name}: {e}")
             continue
@@ -91,7 +94,8 @@ def _family(op: LinearOperator, max_dim: int, mode: str, max_blocks: int):
             if mode == "explicit":
                 raise
     elif mode == "explicit":
-        raise ValueError(f"Conv2d explicit matrix {op.out_dim}x{op.in_dim} exceeds max_dim={max_dim}")
+        raise ValueError(
+            f"Conv2d explicit matrix {op.out_dim}x{op.in_dim} exceeds max_dim={max_dim}")
     fam = ConvFamily(op)
     size = 2 * (fam.cog + fam.ci2)
     if size > max_dim or fam.n_blocks > max_blocks:
@@ -123,11 +127,14 @@ def sdp_bound(op: LinearOperator, solver: str | None = None, max_dim: int = 400,
             log["solve_seconds"] += inf["seconds"]
         return solved[i]
 
-    t, stats = prove_family(fam, s0=0.0, delta0=delta0, refine=refine, max_delta=max_delta)
+    # workers=1: the SDP refinements (and their log) must run in this process
+    t, stats = prove_family(fam, s0=0.0, delta0=delta0, refine=refine, max_delta=max_delta,
+                            workers=1)
     fam_kind = fam.kind if isinstance(fam, DenseFamily) else f"dft-blocks grid={fam.grid}"
     return Bound(t, "sdp", "rump-cholesky", info={
         "solver": ",".join(sorted({s for s in log["solver"] if s})) or None,
-        "status": ",".join(sorted(set(log["status"]))) or None, "solve_seconds": log["solve_seconds"],
+        "status": ",".join(sorted(set(log["status"]))) or None,
+        "solve_seconds": log["solve_seconds"],
         "n_solves": len(solved), "sdp_value": math.ldexp(max(solved.values(), default=0.0), -fam.k),
         "delta": stats.pop("delta"), "seconds": time.perf_counter() - t0,
         "family": fam_kind, **stats})

@@ -1,6 +1,10 @@
-"""Training LiResNets with Lipschitz-margin losses (EMMA by default)."""
+"""Training LiResNets with Lipschitz-margin losses (EMMA by default).
 
-from certlib.train.config import RECIPES, TrainConfig, preset_config
+``train(TrainConfig(...))`` or ``certlib train``; data parallel under
+``torchrun`` (``batch_size`` is the global batch); resumable (``resume``).
+"""
+
+from certlib.train.config import RECIPES, ConfigError, TrainConfig, eps_at, lr_at, preset_config
 from certlib.train.loop import train
 
-__all__ = ["TrainConfig", "train", "preset_config", "RECIPES"]
+__all__ = ["TrainConfig", "train", "preset_config", "RECIPES", "ConfigError", "eps_at", "lr_at"]

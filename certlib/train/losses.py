@@ -11,6 +11,10 @@ All take logits y (B, C), integer labels (B,), the margin constants K (C, C)
   softmax of [y, -inf] and Q the softmax of [y, y_bot], y_bot =
   max_{i != y}(y_i + eps K_{y,i}); KL = -log(1 - q_bot).
 * ``ce``: plain cross-entropy.
+
+``reduction`` is "mean" (default), "sum" or "none" (per-sample losses); the
+trainer sums and divides by the GLOBAL batch size, so that DDP ranks with
+unequal shares of a last, partial batch still average exactly.
 """
 
 from __future__ import annotations
@@ -25,7 +29,18 @@ def _others(labels: torch.Tensor, C: int) -> torch.Tensor:
     return ~F.one_hot(labels, C).bool()
 
 
-def emma(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float) -> torch.Tensor:
+def _reduce(v: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return v.mean()
+    if reduction == "sum":
+        return v.sum()
+    if reduction == "none":
+        return v
+    raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+
+
+def emma(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float,
+         reduction: str = "mean") -> torch.Tensor:
     C = y.shape[1]
     Ky = K[labels]  # (B, C)
     mask = _others(labels, C)
@@ -33,26 +48,28 @@ def emma(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float) -> 
         gap = y.gather(1, labels[:, None]) - y
         eps_i = (gap / Ky.clamp_min(1e-12)).clamp(0.01 * eps, eps)
     y2 = y + torch.where(mask, eps_i * Ky, torch.zeros_like(y))
-    return F.cross_entropy(y2, labels)
+    return _reduce(F.cross_entropy(y2, labels, reduction="none"), reduction)
 
 
-def margin(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float) -> torch.Tensor:
+def margin(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float,
+           reduction: str = "mean") -> torch.Tensor:
     mask = _others(labels, y.shape[1])
     y2 = y + torch.where(mask, eps * K[labels], torch.zeros_like(y))
-    return F.cross_entropy(y2, labels)
+    return _reduce(F.cross_entropy(y2, labels, reduction="none"), reduction)
 
 
 def trades(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float,
-           lam: float = 1.0) -> torch.Tensor:
+           lam: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     mask = _others(labels, y.shape[1])
     shifted = torch.where(mask, y + eps * K[labels], torch.full_like(y, float("-inf")))
     y_bot = shifted.max(dim=1, keepdim=True).values
     kl = torch.logsumexp(torch.cat([y, y_bot], dim=1), dim=1) - torch.logsumexp(y, dim=1)
-    return F.cross_entropy(y, labels) + lam * kl.mean()
+    return _reduce(F.cross_entropy(y, labels, reduction="none") + lam * kl, reduction)
 
 
-def ce(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.cross_entropy(y, labels)
+def ce(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float,
+       reduction: str = "mean") -> torch.Tensor:
+    return _reduce(F.cross_entropy(y, labels, reduction="none"), reduction)
 
 
 def get(name: str, trades_lambda: float = 1.0):
@@ -61,7 +78,10 @@ def get(name: str, trades_lambda: float = 1.0):
     if name == "margin":
         return margin
     if name == "trades":
-        return lambda y, l, K, e: trades(y, l, K, e, trades_lambda)
+        def trades_fixed(y, labels, K, eps, reduction="mean"):
+            return trades(y, labels, K, eps, trades_lambda, reduction)
+
+        return trades_fixed
     if name == "ce":
         return ce
     raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
