@@ -87,6 +87,8 @@ def verify(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
     tsv: Optional[Path] = typer.Option(None, help="Write one row per sample: idx label pred correct certified radius."),
     plot: Optional[Path] = typer.Option(None, help="Write a certified-accuracy-vs-radius PNG."),
+    proof: Optional[Path] = typer.Option(None, "--proof", help="Write a certificate (JSON) that "
+                                         "`certlib check` re-verifies independently (proofs/certificate.md)."),
 ) -> None:
     """Certify MODEL on a dataset at radius EPS and print the report."""
     from certlib.report import print_report, write_json, write_plot, write_tsv
@@ -115,6 +117,44 @@ def verify(
             write_plot(rep, plot)
     elif tsv or plot:
         err_console.print("[yellow]--tsv/--plot need sound certification; skipped with --estimate-only[/]")
+    if proof:
+        from certlib.certificate import write_certificate
+
+        write_certificate(proof, model, rep, ds, data, input_shape=_shape(input_shape))
+        err_console.print(f"wrote certificate {proof} (check it with: certlib check {model} {proof})")
+
+
+@app.command()
+def check(
+    model: Path = typer.Argument(..., help="ONNX model the certificate is about."),
+    cert: Path = typer.Argument(..., help="Certificate written by `certlib verify --proof`."),
+    data: Optional[str] = typer.Option(None, help="Data spec (default: the certificate's); its first n "
+                                                  "samples must hash to the certificate's data sha256."),
+) -> None:
+    """Independently re-check a certificate (proofs/checker.py; exit 0 valid, 4 invalid)."""
+    import time
+
+    from certlib.errors import ProofCheckError
+    from certlib.proofs.checker import CheckFailed
+    from certlib.proofs.checker import check as run_check
+
+    try:
+        c, blob = json.loads(Path(cert).read_text()), Path(model).read_bytes()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {model} / {cert}: {e}") from None
+    d = c.get("data") if isinstance(c, dict) and isinstance(c.get("data"), dict) else {}
+    if not (data or d.get("spec")) or not isinstance(d.get("n"), int):
+        raise ProofCheckError("certificate INVALID: data: no data spec and size to re-check the samples with")
+    ds = _data(data or d["spec"], d["n"])
+    t = time.perf_counter()
+    try:
+        res = run_check(blob, c, ds.x, ds.y)
+    except CheckFailed as e:
+        raise ProofCheckError(f"certificate INVALID: {e}") from None
+    err_console.print(f"[green]certificate valid[/]: {res['operators']} operator bounds proven, body "
+                      f"{res['body']:.9g}, {res['certified']}/{res['samples_checked']} certified samples "
+                      f"re-checked ({time.perf_counter() - t:.2f} s)")
+    print(json.dumps(res))
 
 
 @app.command()
@@ -152,44 +192,79 @@ def bounds(
 def train(
     preset: str = typer.Option("digits", help="Model + recipe preset: digits, cifar10, cifar10-l18w256, "
                                               "cifar100, cifar100-l18w256, tinyimagenet, imagenet."),
-    data: Optional[str] = typer.Option(None, help="Data spec (default: the preset's)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the preset's)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size."),
+    data: Optional[str] = typer.Option(None, help="digits | npz:PATH | cifar10:DIR | cifar100:DIR | "
+                                                  "tinyimagenet:DIR | imagenet:DIR | imagefolder:DIR "
+                                                  "(default: the preset's)."),
+    width: Optional[int] = typer.Option(None, help="Backbone width (0: the preset's)."),
+    depth: Optional[int] = typer.Option(None, help="Residual blocks (0: the preset's)."),
+    dense_dim: Optional[int] = typer.Option(None, help="Neck dense width (0: the preset's)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/PRESET)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="GLOBAL batch size (split across torchrun ranks)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay."),
-    warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before cosine decay."),
+    warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before the cosine decay."),
+    min_lr_ratio: Optional[float] = typer.Option(None, help="Cosine decays to this fraction of --lr."),
+    grad_clip: Optional[float] = typer.Option(None, help="Gradient-norm clip (0: off)."),
     loss: Optional[str] = typer.Option(None, help="emma | margin | trades | ce."),
-    eps: Optional[str] = typer.Option(None, help="Target (test) l2 eps; training ramps 0.1 eps -> 1.5 eps."),
+    eps: Optional[str] = typer.Option(None, help="Target (test) l2 eps, e.g. 36/255; training ramps "
+                                                 "eps-start*eps -> eps-end*eps over the first half."),
+    eps_start: Optional[float] = typer.Option(None, help="Training eps at epoch 0, as a fraction of --eps."),
+    eps_end: Optional[float] = typer.Option(None, help="Training eps from mid-run on, as a fraction of --eps."),
+    extra_eps: Optional[str] = typer.Option(None, help="More test radii, comma-separated (e.g. 1.0); "
+                                                       "'' for none."),
     trades_lambda: Optional[float] = typer.Option(None, help="lambda of the trades loss."),
-    power_iters: Optional[int] = typer.Option(None, help="Power iterations per step (training estimate)."),
+    power_iters: Optional[int] = typer.Option(None, help="Power iterations per training step."),
+    eval_power_iters: Optional[int] = typer.Option(None, help="Extra power iterations for the "
+                                                              "training-time VRA estimate."),
+    augment: Optional[str] = typer.Option(None, help="none | flip | crop-flip | resize-crop-flip."),
+    crop_pad: Optional[int] = typer.Option(None, help="Zero padding of the random crop (crop-flip)."),
+    resize: Optional[int] = typer.Option(None, help="resize-crop-flip: shorter side before the crop."),
+    workers: Optional[int] = typer.Option(None, help="Loader processes per rank for folder data "
+                                                     "(-1: auto, 0: in-process)."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (checkpoint, model.onnx, metrics)."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the final sound evaluation."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0: torch's default)."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA) | fp32 | tf32 | bf16 | fp64; power "
+                                                       "iteration and margins always run in float32."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="channels_last memory format (default: on for CUDA)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the network."),
+    save_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps (0: epoch ends only)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
+                                          help="Continue from OUT/checkpoints when there is one."),
+    eval_every: Optional[int] = typer.Option(None, help="Epochs between test evaluations (0: auto)."),
+    eval_limit: Optional[int] = typer.Option(None, help="Test samples for the training-time estimate (0: all)."),
+    log_every: Optional[int] = typer.Option(None, help="Also log a step record every N steps (0: off)."),
+    plot: Optional[bool] = typer.Option(None, "--plot/--no-plot", help="Write curves.png."),
+    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify",
+                                          help="Sound VRA of the exported model at the end."),
+    verify_method: Optional[str] = typer.Option(None, help=METHOD_HELP),
+    verify_limit: Optional[int] = typer.Option(None, help="Test samples certified at the end (0: all)."),
 ) -> None:
-    """Train a LiResNet; writes checkpoint.safetensors, model.onnx and metrics.jsonl."""
+    """Train a LiResNet (EMMA loss by default); writes checkpoint.safetensors, model.onnx, metrics.jsonl,
+    curves.png and the sound VRA.  Data parallel: torchrun --nproc_per_node=N -m certlib.cli train ..."""
+    args = dict(locals())  # every TrainConfig field but preset, as given (None: the preset's value)
+    args.pop("preset")
+    from certlib.data import DataError
     from certlib.train import preset_config, train as run_train
 
     try:
-        cfg = preset_config(preset, data=data, epochs=epochs, batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, warmup_epochs=warmup_epochs, loss=loss,
-                            eps=_eps(eps) if eps is not None else None, trades_lambda=trades_lambda,
-                            power_iters=power_iters, seed=seed, device=device,
-                            out=str(out) if out else None, verify=not no_verify)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    from certlib.train.losses import LOSSES
-
-    if cfg.loss not in LOSSES:
-        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be >= 1")
-    from certlib.data import DataError
-
-    try:
+        if eps is not None:
+            args["eps"] = _eps(eps)
+        if extra_eps is not None:
+            args["extra_eps"] = [_eps(e) for e in extra_eps.split(",") if e.strip()]
+        if out is not None:
+            args["out"] = str(out)
+        if verify_method is not None:
+            _method(verify_method, False)
+        cfg = preset_config(preset, **args)
+        cfg.validate()
         summary = run_train(cfg)
-    except DataError as e:
+    except (ValueError, DataError) as e:
         raise UsageError(str(e)) from None
+    if "checkpoint" not in summary:  # a torchrun rank other than 0
+        return
     err_console.print(f"wrote {summary['checkpoint']} and {summary['onnx']} ({summary['train_seconds']} s)")
     if "sound_vra" in summary:
         err_console.print(f"sound VRA at eps={cfg.eps:.4g}: [bold]{100 * summary['sound_vra']:.2f}%[/] "

@@ -20,6 +20,7 @@ Lipschitz bounds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,9 +70,15 @@ class LinearNode(Node):
 class AffineNode(Node):
     scale: np.ndarray = None  # broadcastable to in_shape
     shift: np.ndarray = None
+    #: relative error of the stored float64 scale/shift against the model's
+    #: exact constants (e.g. fl(1/k) for Div, fl(gamma/sqrt(var+eps)) for BN);
+    #: 0 when they are copied exactly
+    const_err: float = 0.0
 
     def lipschitz(self) -> float:
-        return float(np.max(np.abs(self.scale))) if np.size(self.scale) else 1.0
+        """Upper bound on max|exact scale|."""
+        m = float(np.max(np.abs(self.scale))) if np.size(self.scale) else 1.0
+        return math.nextafter(m * (1.0 + self.const_err), math.inf) if self.const_err else m
 
 
 @dataclass
@@ -151,9 +158,10 @@ def _apply(node: Node, h: torch.Tensor, track: bool):
         out = h * s + t
         rnd = None
         if track:
-            # fl(fl(s*x) + t): each op relative error <= u
+            # fl(fl(s*x) + t): each op relative error <= u; plus the error of
+            # the stored constants against the exact ones (const_err)
             mag = (h * s).abs() * (1 + U64) + t.abs()
-            rnd = _norms(mag * (2 * U64 * (1 + 2 * U64)))
+            rnd = _norms(mag * ((2 * U64 + node.const_err) * (1 + 4 * U64)))
         return out, rnd
     if isinstance(node, LinearNode):
         op = node.op

@@ -147,7 +147,7 @@ def split_head(g: Graph) -> int:
         "elementwise affine maps: that layer is the GloRo head")
 
 
-def _fold_rounding_margin(op) -> float:
+def _fold_rounding_margin(op, const_err: float = 0.0) -> float:
     """||E||_2 bound for E = fl(s*K) - s*K elementwise |E| <= u |fl(s*K)|(1+u):
     a conv with kernel E has norm <= sum over taps ||E_tap||_2 <= sqrt(taps) ||E||_F."""
     if isinstance(op, Dense):
@@ -155,7 +155,7 @@ def _fold_rounding_margin(op) -> float:
     else:
         w, taps = op.kernel, op.kernel.shape[2] * op.kernel.shape[3]
     fro = float(np.linalg.norm(w.ravel())) * (1 + gamma(w.size + 2))
-    return up(fro * math.sqrt(taps) * 1.0001 * U64 * (1 + 2 * U64))
+    return up(fro * math.sqrt(taps) * 1.0001 * (U64 + const_err) * (1 + 4 * U64))
 
 
 def _scale_vector(a: AffineNode, axis_len: int):
@@ -247,7 +247,7 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
                 raise UnsoundError(f"verifier {method} returned {type(b).__name__}, not a Bound")
             value, how = b.value, b.method + (" (explicit matrix)" if small else "")
             if isinstance(factor, tuple):
-                value = up_add(value, _fold_rounding_margin(op))
+                value = up_add(value, _fold_rounding_margin(op, g.nodes[idx[1]].const_err))
                 how += " (+fold rounding)"
         dt = time.perf_counter() - t1
         body = up_mul(body, value)
@@ -257,7 +257,7 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
             s = np.abs(factor[1])
             smin = float(np.min(s))
             node_bounds[idx[0]] = up(value / smin) if smin > 0 else math.inf
-            node_bounds[idx[1]] = up(float(np.max(s)))
+            node_bounds[idx[1]] = up(g.nodes[idx[1]].lipschitz())
         if op is not None or factor != 1.0 or g.nodes[idx[0]].kind == "activation":
             layers.append(LayerBound(name, label, value, how, dt, not estimate_only))
         if progress is not None:
@@ -272,8 +272,8 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
             s = _scale_vector(n, W.shape[0]) if len(n.in_shape) == 1 else None
             if s is None:
                 raise UnsupportedModelError("an elementwise map after the head is not per-class")
-            if not np.all(np.abs(s) == 1.0):
-                rounding += U64 * (1 + U64)
+            if not np.all(np.abs(s) == 1.0) or n.const_err:
+                rounding += (U64 + n.const_err) * (1 + U64)
             W = W * s[:, None]
     node_bounds[h] = float("nan")  # filled below (the head's spectral norm is not needed)
     if estimate_only:

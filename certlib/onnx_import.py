@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from certlib.errors import Unsupported, UnsupportedModelError, UsageError
-from certlib.graph import ActivationNode, AffineNode, Graph, LinearNode, ReshapeNode
+from certlib.graph import U64, ActivationNode, AffineNode, Graph, LinearNode, ReshapeNode
 from certlib.verifiers.operators import Conv2d, Dense
 
 MAX_MODEL_BYTES = 2 * 1024 ** 3
@@ -207,7 +207,10 @@ def _arith(node, ctx: Ctx) -> None:
             raise Skip("division by zero")
         scale, shift = 1.0 / k, zero
     scale = np.broadcast_to(scale, np.broadcast_shapes(scale.shape, shift.shape))
-    _emit(ctx, node, AffineNode(node.name, op, ctx.shape, ctx.shape, scale=scale, shift=shift), ctx.shape)
+    # Div stores fl(1/k): relative error <= u (the other ops copy constants exactly)
+    err = U64 if op == "Div" else 0.0
+    _emit(ctx, node, AffineNode(node.name, op, ctx.shape, ctx.shape, scale=scale, shift=shift,
+                                const_err=err), ctx.shape)
 
 
 @handler("BatchNormalization")
@@ -224,8 +227,11 @@ def _bn(node, ctx: Ctx) -> None:
     s = gamma_ / np.sqrt(var + eps)
     shape = (-1,) + (1,) * (len(ctx.shape) - 1)
     scale, shift = s.reshape(shape), (beta - mean * s).reshape(shape)
+    # s = fl(gamma / fl(sqrt(fl(var + eps)))): <= 3 roundings, relative error < 3.01u;
+    # shift = fl(beta - fl(mean * s)): error <= (|beta| + |mean s|) (2u + 3.01u);
+    # 8u covers both relative to the magnitudes the forward recursion charges
     _emit(ctx, node, AffineNode(node.name, "BatchNormalization", ctx.shape, ctx.shape,
-                                scale=scale, shift=shift), ctx.shape)
+                                scale=scale, shift=shift, const_err=8 * U64), ctx.shape)
 
 
 @handler("Relu")

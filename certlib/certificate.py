@@ -1,0 +1,186 @@
+"""Certificates: everything ``certlib verify`` claims, written so that the
+independent checker (``proofs/checker.py``, ``certlib check``) can re-prove it
+from the ONNX file alone.  Schema and the checker's proof: proofs/certificate.md.
+
+The writer re-imports the model (deterministic) to pair each composition factor
+of :func:`certlib.lipschitz.analyze` with the ONNX nodes it covers; node names
+and initializer names come from the ORIGINAL graph (before constant folding), so
+every weight must be stored as an initializer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from certlib import __version__
+from certlib.errors import UsageError
+
+__all__ = ["FORMAT", "array_sha256", "build_certificate", "write_certificate"]
+
+FORMAT = "certlib-certificate/1"
+CLAIM = ("For every sample with certified=true and every input x' with ||x' - x||_2 <= eps, the ONNX "
+         "model's function in exact real arithmetic (weights as stored) predicts the same class as at x.")
+
+
+def array_sha256(a: np.ndarray) -> str:
+    """sha256 of an array's little-endian C-order bytes in its stored dtype (as the checker)."""
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(a.astype(a.dtype.newbyteorder("<")).tobytes()).hexdigest()
+
+
+def _meta(a: np.ndarray) -> dict:
+    return {"sha256": array_sha256(a), "dtype": str(a.dtype), "shape": list(a.shape)}
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _weight_recipe(node, inits: dict) -> list:
+    """Recipe that builds the (out, in) weight / (co, ci/g, kh, kw) kernel of one ONNX node."""
+    w = node.input[1] if len(node.input) > 1 else ""
+    if w not in inits:
+        raise UsageError(f"--proof: {node.name!r} reads a weight computed inside the graph; certificates "
+                         "need weights stored as ONNX initializers")
+    steps = [{"step": "load", "initializer": w}]
+    a = _attrs(node)
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and not a.get("transB", 0)):
+        steps.append({"step": "transpose"})
+    if node.op_type == "Gemm" and float(a.get("alpha", 1.0)) != 1.0:
+        steps.append({"step": "scale", "by": float(a.get("alpha", 1.0))})
+    return steps
+
+
+def _proof_hint(op, method: str) -> dict:
+    """Which block family the claimed bound was proven on (the checker re-proves on the same)."""
+    from certlib.verifiers.operators import Conv2d
+
+    if not isinstance(op, Conv2d):
+        return {"family": "dense"}
+    if "explicit" in method:
+        return {"family": "explicit"}
+    if method.startswith("fft-block-svd"):
+        from certlib.verifiers.svd import conv_grid
+        return {"family": "dft", "grid": [int(v) for v in conv_grid(op)]}
+    from certlib.verifiers.power import DenseFamily, family
+    fam = family(op)
+    return {"family": "explicit"} if isinstance(fam, DenseFamily) else {"family": "dft", "grid": list(fam.grid)}
+
+
+def _entry(k, ir_nodes, op, bound, method, label, onnx_nodes, inits) -> dict:
+    """One composition factor: the graph nodes it covers, their initializers, geometry, recipe, bound."""
+    from certlib.graph import ActivationNode, AffineNode, LinearNode
+    from certlib.verifiers.operators import Dense
+
+    names = [n.name for n in ir_nodes]
+    if any(not nm or nm not in onnx_nodes for nm in names):
+        raise UsageError(f"--proof: IR nodes {names} have no unique ONNX node name; certificates need "
+                         "named, uniquely named nodes")
+    ox = [onnx_nodes[nm] for nm in names]
+    n0 = ir_nodes[0]
+    geo = {"input_shape": list(n0.in_shape), "output_shape": list(n0.out_shape)}
+    recipe: list = []
+    if isinstance(n0, LinearNode):
+        kind = "dense" if isinstance(n0.op, Dense) else "conv"
+        recipe = _weight_recipe(ox[0], inits)
+        for n, o in zip(ir_nodes[1:], ox[1:]):  # per-channel affine maps folded into the rows
+            const = [t for t in o.input if t in inits]
+            if o.op_type not in ("Mul", "Div") or len(const) != 1:
+                raise UsageError(f"--proof: folding {o.op_type} node {o.name!r} is not expressible in a recipe")
+            recipe.append({"step": "fold", "node": o.name, "op": o.op_type, "initializer": const[0]})
+        if kind == "dense":
+            geo["weight_shape"] = list(n0.op.weight.shape)
+        else:
+            c = n0.op
+            geo.update(kernel_shape=list(c.kernel.shape), strides=list(c.stride), pads=list(c.padding),
+                       dilations=list(c.dilation), group=int(c.groups))
+        geo["proof"] = _proof_hint(op if op is not None else n0.op, method)
+    elif isinstance(n0, AffineNode):
+        kind = "affine"
+        o = ox[0]
+        if o.op_type not in ("Add", "Sub", "Mul", "Div") or sum(t in inits for t in o.input) != 1:
+            raise UsageError(f"--proof: {o.op_type} node {o.name!r} is not an elementwise map by an initializer")
+        first = o.input[0] in inits
+        recipe = [{"step": "elementwise", "op": o.op_type, "initializer": o.input[0 if first else 1],
+                   "constant_first": first}]
+    elif isinstance(n0, ActivationNode):
+        kind = "relu" if n0.activation == "relu" else "minmax"
+    else:
+        kind = "reshape"
+    used = {t: _meta(inits[t]) for o in ox if o.op_type != "Concat" for t in o.input if t in inits}
+    return {"index": k, "nodes": names, "kind": kind, "label": label, "geometry": geo, "initializers": used,
+            "recipe": recipe, "bound": float(bound), "method": method}
+
+
+def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_shape=None) -> dict:
+    """The certificate (a JSON-ready dict) for a sound VerifyReport ``rep`` of ``model_path`` on ``data``."""
+    from certlib.lipschitz import _chain_items
+    from certlib.onnx_import import load
+
+    if not rep.sound or rep.result is None:
+        raise UsageError("--proof needs sound certification (not --estimate-only)")
+    model = onnx.load(str(model_path))
+    _, g = load(model_path, input_shape)
+    a = rep.analysis
+    names = [n.name for n in model.graph.node]
+    onnx_nodes = {n.name: n for n in model.graph.node if n.name and names.count(n.name) == 1}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    layers = iter(a.layers)
+    ops = []
+    for k, (idx, op, factor, label) in enumerate(_chain_items(g.nodes, 0, a.head_index)):
+        nodes = [g.nodes[i] for i in idx]
+        if op is not None or factor != 1.0 or nodes[0].kind == "activation":
+            lb = next(layers)
+            if lb.name != (nodes[0].name or f"node{idx[0]}"):
+                raise RuntimeError(f"certificate: layer {lb.name} does not pair with node {nodes[0].name}")
+            bound, method = lb.bound, lb.method
+        else:
+            bound, method = 1.0, "rule"
+        ops.append(_entry(k, nodes, op, bound, method, label, onnx_nodes, inits))
+    h = a.head_index
+    if h != len(g.nodes) - 1:
+        raise UsageError("--proof: the head must be the last node (maps after the head are not supported yet)")
+    head = _entry(len(ops), [g.nodes[h]], None, math.nan, "", "head", onnx_nodes, inits)
+    body = float(a.body.value)
+    head.update(node=head.pop("nodes")[0], L_body=body, K=[[float(v) for v in row] for row in a.K],
+                K_rule="K[i][j] >= L_body * ||w_i - w_j||_2, w_i the rows of the recipe's weight")
+    for key in ("index", "bound", "method"):
+        head.pop(key)
+    r = rep.result
+    samples = [{"index": i, "label": int(data.y[i]), "pred": int(r.pred[i]), "certified": bool(r.certified[i]),
+                "radius": _num(r.radius[i]), "margins": [_num(v) for v in r.margins[i]]} for i in range(r.n)]
+    return {
+        "format": FORMAT, "claim": CLAIM, "certlib_version": __version__,
+        "model": {"path": str(model_path), "sha256": rep.sha256, "input": g.input_name,
+                  "input_shape": list(g.input_shape), "output": g.output_name},
+        "eps": float(rep.eps),
+        "data": {"spec": data_spec, "name": data.name, "n": int(len(data)), "sha256": data.sha256(),
+                 "hash_rule": "sha256(x as float32 C-order bytes, then y as int64 bytes)"},
+        "operators": ops,
+        "composition": {"order": list(range(len(ops))), "body": body,
+                        "rule": "L = 1; for k in order: L = nextafter(L * operators[k].bound, +inf)"},
+        "head": head,
+        "samples": samples,
+        "summary": {"n": r.n, "certified": int(r.certified.sum()), "clean_accuracy": r.clean_accuracy,
+                    "vra": r.vra},
+        "margin_rule": "margins[j] <= f_pred - f_j in exact arithmetic (null at j = pred or when not finite)",
+    }
+
+
+def write_certificate(path: str | Path, model_path: str | Path, rep, data, data_spec: str,
+                      input_shape=None) -> dict:
+    cert = build_certificate(model_path, rep, data, data_spec, input_shape)
+    Path(path).write_text(json.dumps(cert, allow_nan=False) + "\n")
+    return cert

@@ -1,0 +1,544 @@
+"""Independent checker for certlib certificates (schema and proofs: proofs/certificate.md).
+
+Trust base: numpy (BLAS, LAPACK dpotrf), onnx (parsing), onnxruntime (a cross-check
+only) and this file; nothing from certlib is imported.  ``check(model_bytes, cert,
+x, y)`` walks the ONNX graph itself, matches every certificate operator to its
+nodes (kind, geometry, initializer sha256, a recipe that rebuilds the same float64
+operator), proves every claimed bound (rules; Rump's criterion on the Gram of each
+dense / explicit-conv / DFT block, rounding bounded), recomputes the body bound and
+K_ij upward, and with data re-decides every claimed certified sample from its own
+float64 forward pass with a rigorous error bound.  The first failure raises
+:class:`CheckFailed` naming the item.  Assumed: IEEE binary64 round-to-nearest;
+BLAS/LAPACK follow the standard error model (any order, FMA allowed); libm cos/sin
+within 3 ulp.  Standalone: ``python checker.py MODEL.onnx CERT.json [DATA.npz]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FORMAT = "certlib-certificate/1"
+U, ETA = 2.0 ** -53, 2.0 ** -1074   # unit roundoff; smallest subnormal (bounds any underflow error)
+TW = 16 * U                         # error of one computed twiddle (proofs/certificate.md)
+SAFETY = 2.0                        # multiplies Rump's shift c (blocked dpotrf; proofs/rump.md)
+F64 = np.float64
+WORKERS = min(2, os.cpu_count() or 1)  # threads over blocks / batches; BLAS itself runs single-threaded
+SQRT2 = math.nextafter(math.sqrt(2.0), math.inf)
+
+
+class CheckFailed(Exception):
+    """The certificate is invalid: ``item`` names the first item that failed."""
+
+    def __init__(self, item: str, why: str):
+        super().__init__(f"{item}: {why}")
+        self.item, self.why = item, why
+
+
+def fail(item, why):
+    raise CheckFailed(item, why)
+
+
+def up(x):
+    return math.nextafter(float(x), math.inf)
+
+
+def down(x):
+    return math.nextafter(float(x), -math.inf)
+
+
+def vup(a):
+    return np.nextafter(a, np.inf)
+
+
+def gam(k):
+    """An upper bound on gamma_k = k u / (1 - k u)."""
+    if k * U >= 0.25:
+        fail("rounding", f"gamma_{k} is too large for the error model")
+    return up(up(k * U) / down(1.0 - k * U))
+
+
+def infl(s, k):
+    """Upper bound on the exact value of a sum of k non-negative rounded products computed as s."""
+    return vup(vup(s + k * ETA) * up(1.0 + 2.0 * gam(k)))
+
+
+def norm_up(a, axis=None):
+    """Upper bound on the exact l2 norm of a float array (of each row with axis=1)."""
+    a = np.asarray(a, F64)
+    a = a.reshape(len(a), -1) if axis else a.reshape(1, -1)
+    r = vup(np.sqrt(infl(np.einsum("bi,bi->b", a, a), a.shape[1])))
+    return r if axis else float(r[0])
+
+
+def sha(a) -> str:
+    """sha256 of an array's little-endian C-order bytes (its stored dtype)."""
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(a.astype(a.dtype.newbyteorder("<")).tobytes()).hexdigest()
+
+
+def f32(a) -> bool:
+    a = np.asarray(a, F64)
+    return bool(np.all(a.astype(np.float32).astype(F64) == a))
+
+
+def pmap(f, xs) -> list:
+    with ThreadPoolExecutor(WORKERS) as ex:                       # numpy releases the GIL in BLAS/LAPACK
+        return list(ex.map(f, xs))
+
+
+# ------------------------------------------------------------------ graph walk
+def attrs(n) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+
+
+def walk(model, shape):
+    """The model's single chain as a list of stages (dicts), and its constants."""
+    g = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    inits, ins = set(consts), [i.name for i in g.input if i.name not in consts]
+    if len(ins) != 1 or len(g.output) != 1:
+        fail("model", "needs exactly one input and one output")
+    cur, shape, stages, nodes, i = ins[0], tuple(int(v) for v in shape), [], list(g.node), 0
+    while i < len(nodes):
+        n, i = nodes[i], i + 1
+        a, op, item = attrs(n), n.op_type, f"node {n.name!r} ({n.op_type})"
+        if n.domain not in ("", "ai.onnx"):
+            fail(item, "custom domain")
+        if op == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(a["value"]) if "value" in a else fail(item, "no tensor")
+            continue
+        if [t for t in n.input if t and t not in consts] != [cur]:
+            fail(item, "does not read exactly the chain tensor (only single-chain graphs are supported)")
+        st = {"name": n.name, "op": op, "recipe": [], "lip": 1.0,
+              "inits": {t: consts[t] for t in n.input if t in inits}}
+        c, out = [np.asarray(consts[t]) if t in consts else None for t in n.input], shape
+        if op in ("Add", "Sub", "Mul", "Div"):
+            first = c[0] is not None
+            k = c[0] if first else c[1]
+            if not np.issubdtype(k.dtype, np.floating) or np.broadcast_shapes(k.shape, (1,) + shape) != (1,) + shape:
+                fail(item, "needs a float constant that broadcasts to the sample shape")
+            k = k.astype(F64).reshape(k.shape[-len(shape):] if k.ndim > len(shape) else k.shape)
+            if op == "Div" and (first or not np.all(k != 0)):
+                fail(item, "constant / x, or division by zero")
+            lip = (float(np.max(np.abs(k), initial=0.0)) if op == "Mul"
+                   else up(1 / np.min(np.abs(k))) if op == "Div" else 1.0)
+            st.update(kind="affine", c=k, first=first, lip=lip, recipe=[
+                {"step": "elementwise", "op": op, "initializer": n.input[0 if first else 1], "constant_first": first}])
+        elif op == "Conv":
+            w, ap = c[1], a.get("auto_pad", b"NOTSET")
+            if w is None or w.ndim != 4 or len(shape) != 3 or (ap if isinstance(ap, str) else ap.decode()) != "NOTSET":
+                fail(item, "needs a constant 4-D kernel, a C,H,W input and explicit pads")
+            co, cg, kh, kw = w.shape
+            geo = {"kernel_shape": list(w.shape), "strides": list(a.get("strides", [1, 1])),
+                   "pads": list(a.get("pads", [0, 0, 0, 0])), "dilations": list(a.get("dilations", [1, 1])),
+                   "group": int(a.get("group", 1))}
+            (sh, sw), (dh, dw), (pt, pl, pb, pr), grp = geo["strides"], geo["dilations"], geo["pads"], geo["group"]
+            out = (co, (shape[1] + pt + pb - dh * (kh - 1) - 1) // sh + 1,
+                   (shape[2] + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+            if (cg * grp != shape[0] or co % grp or list(a.get("kernel_shape", [kh, kw])) != [kh, kw]
+                    or min(pt, pl, pb, pr) < 0 or min(sh, sw, dh, dw, out[1], out[2]) < 1):
+                fail(item, "kernel, groups, pads, strides or dilations do not fit the input")
+            st.update(kind="conv", geo=geo, bias=None if len(c) < 3 or c[2] is None else c[2].astype(F64).reshape(co),
+                      recipe=[{"step": "load", "initializer": n.input[1]}])
+        elif op in ("Gemm", "MatMul"):
+            if c[1] is None or c[1].ndim != 2 or len(shape) != 1 or a.get("transA", 0):
+                fail(item, "needs x @ constant 2-D B on a flat input")
+            rec, alpha, beta = [{"step": "load", "initializer": n.input[1]}], a.get("alpha", 1.0), a.get("beta", 1.0)
+            rec += [{"step": "transpose"}] if op == "MatMul" or not a.get("transB", 0) else []
+            rec += [{"step": "scale", "by": float(alpha)}] if alpha != 1.0 else []
+            W, b = build(rec, consts, item), (c[2] if len(c) > 2 else None)
+            if W.shape[1] != shape[0] or b is not None and (b.size not in (1, W.shape[0]) or not (beta == 1 or f32(b))):
+                fail(item, "weight does not fit the input, or the bias is not per output (or beta * C inexact)")
+            bias = None if b is None else np.broadcast_to(b.astype(F64).reshape(-1) * float(beta), (W.shape[0],))
+            out = (W.shape[0],)
+            st.update(kind="dense", geo={"weight_shape": list(W.shape)}, bias=bias, recipe=rec)
+        elif op == "Relu":
+            st.update(kind="relu")
+        elif op in ("Flatten", "Reshape"):
+            tgt = [0, -1] if op == "Flatten" else [int(v) for v in np.ravel(c[1])]
+            if (op == "Flatten" and a.get("axis", 1) != 1) or tgt[0] not in (0, -1) or a.get("allowzero", 0):
+                fail(item, "must keep the batch axis first")
+            rest, size = [shape[j - 1] if v == 0 else v for j, v in enumerate(tgt) if j], int(np.prod(shape))
+            out = tuple(size // -int(np.prod(rest)) if v == -1 else v for v in rest)
+            if int(np.prod(out)) != size or min(out) < 1:
+                fail(item, f"cannot reshape {shape} to {tgt}")
+            st.update(kind="reshape")
+        elif op == "Split":                                       # MinMax: Split + Max + Min + Concat
+            trio, C = nodes[i:i + 3], shape[0]
+            sizes, kinds = (c[1] if len(c) > 1 and c[1] is not None else a.get("split")), [t.op_type for t in trio]
+            if (len(n.output) != 2 or len(set(n.output)) != 2 or a.get("axis", 0) not in (1, -len(shape)) or C % 2
+                    or len(trio) < 3 or (sizes is not None and list(np.ravel(sizes)) != [C // 2, C // 2])
+                    or kinds[:2] not in (["Max", "Min"], ["Min", "Max"]) or kinds[2] != "Concat"):
+                fail(item, "Split is only supported as the MinMax pattern Split + Max + Min + Concat")
+            (mx, mn), sp, n = (trio[:2] if kinds[0] == "Max" else trio[1::-1]), n, trio[2]
+            order = {(mx.output[0], mn.output[0]): "maxmin", (mn.output[0], mx.output[0]): "minmax"}.get(tuple(n.input))
+            if (sorted(mx.input) != sorted(sp.output) or sorted(mn.input) != sorted(sp.output) or order is None
+                    or attrs(n).get("axis") not in (1, -len(shape))
+                    or any(t.domain not in ("", "ai.onnx") for t in trio)):
+                fail(item, "malformed MinMax pattern")
+            i += 3
+            st.update(name=n.name, kind="minmax", order=order, inits={})
+        else:
+            fail(item, "operator not in the checker's supported subset")
+        st.update(out=out, geo={**st.get("geo", {}), "input_shape": list(shape), "output_shape": list(out)})
+        stages.append(st)
+        cur, shape = n.output[0], out
+    if cur != g.output[0].name:
+        fail("model", "the graph output is not the end of the chain")
+    return stages, consts
+
+
+def build(steps, consts, item):
+    """Evaluate a recipe (proofs/certificate.md) into a float64 weight / kernel."""
+    K = None
+    for s in steps:
+        kind = s.get("step")
+        if kind == "load" and s.get("initializer") in consts:
+            K = np.array(consts[s["initializer"]], dtype=F64)
+        elif K is None:
+            fail(item, f"recipe step {s} before a load")
+        elif kind == "transpose" and K.ndim == 2:
+            K = np.ascontiguousarray(K.T)
+        elif kind == "scale" and f32(s.get("by")) and f32(K):
+            K = K * float(s["by"])                                # float32 x float32: exact in float64
+        elif kind == "fold" and s.get("op") in ("Mul", "Div") and s.get("initializer") in consts:
+            v = np.asarray(consts[s["initializer"]], F64)
+            ax = v.ndim - (K.ndim - 1)                            # v's channel axis under broadcasting
+            if any(d != 1 for j, d in enumerate(v.shape) if j != ax) or (ax >= 0 and v.shape[ax] not in (1, len(K))):
+                fail(item, f"fold constant {s['initializer']} is not per output channel")
+            v = np.broadcast_to(v.reshape(-1), (len(K),)).reshape((-1,) + (1,) * (K.ndim - 1))
+            K = K * v if s["op"] == "Mul" else K / v
+        elif kind == "identity_centre" and K.ndim == 4 and K.shape[0] == K.shape[1] and K.shape[2] * K.shape[3] % 2:
+            K = K.copy()
+            K[np.arange(len(K)), np.arange(len(K)), K.shape[2] // 2, K.shape[3] // 2] += float(s.get("coef", 1.0))
+        else:
+            fail(item, f"invalid recipe step {s}")
+    return K
+
+
+# ------------------------------------------------------------------ norm proofs
+def spd(A) -> bool:
+    """Rump 2006, Cor. 2.4 (proofs/rump.md): True only if the symmetric matrix given by A's lower
+    triangle is positive definite (LAPACK reads only that triangle).  Overwrites A's diagonal."""
+    n, d = A.shape[0], np.diag(A).copy()
+    if not (np.all(np.isfinite(A)) and np.all(d > 0)):
+        return False
+    g = up(up((n + 1) * U) / down(1.0 - 2 * (n + 1) * U))        # >= gamma_{n+1} / (1 - gamma_{n+1})
+    c = up(SAFETY * up(up(g * up(math.fsum(d))) + up(4 * n * ETA * up(2 * (n + 1) + float(d.max())))))
+    A[np.diag_indices(n)] = np.nextafter(d - c, -np.inf)         # <= A_ii - c
+    try:
+        R = np.linalg.cholesky(A)                                 # LAPACK dpotrf (numpy's OpenBLAS)
+    except np.linalg.LinAlgError:
+        return False
+    return bool(np.all(np.diag(A) > 0) and np.all(np.isfinite(np.diag(R))) and np.all(np.diag(R) > 0))
+
+
+def gram_ok(M, t) -> bool:
+    """True only if ||M||_2 <= t for the exact float matrix M (real or complex); proofs/rump.md."""
+    M = M.T if M.shape[0] < M.shape[1] else M
+    (m, n), cplx = M.shape, np.iscomplexobj(M)
+    P = [np.ascontiguousarray(p) for p in ((M.real, M.imag) if cplx else (M,))]
+    fro2 = float(infl(sum(np.einsum("ij,ij->", p, p) for p in P), M.size * len(P)))
+    if up(math.sqrt(fro2)) <= t:                                  # ||M||_2 <= ||M||_F
+        return True
+    # Re M^H M = A^T A + B^T B, Im = A^T B - B^T A: length-m products, one sum: |dG| <= gamma_{m+1} ...
+    eG = up((up(up(SQRT2 * gam(m + 1)) * fro2) if cplx else up(gam(m) * fro2)) + 4 * m * n * ETA)
+    s = down(down(t * t) - eG)
+    if not s > 0:
+        return False
+    G = P[0].T @ P[0]
+    E = np.zeros((len(P) * n,) * 2)                               # lower triangle of the real embedding
+    if cplx:                                                      # [[S, -Q], [Q, S]] of s I - M^H M = S + iQ
+        G += P[1].T @ P[1]
+        X = P[0].T @ P[1]
+        E[n:, :n], E[n:, n:] = X.T - X, -G
+    E[:n, :n] = -G
+    E[np.diag_indices(len(E))] = np.tile(np.nextafter(s - np.diag(G), -np.inf), len(P))
+    return spd(E)
+
+
+def explicit(K, geo):
+    """The exact matrix of the zero-padded conv (each entry a copy of one kernel tap), or None if large."""
+    (C, H, W), (co, Ho, Wo) = geo["input_shape"], geo["output_shape"]
+    if co * Ho * Wo * C * H * W > 2 ** 25:
+        return None
+    (sh, sw), (dh, dw), g, (pt, pl, _, _) = geo["strides"], geo["dilations"], geo["group"], geo["pads"]
+    (_, cg, kh, kw), og, M = K.shape, co // g, np.zeros((co, Ho, Wo, C, H, W))
+    for a in range(kh):
+        for b in range(kw):
+            y, x = np.arange(Ho) * sh + a * dh - pt, np.arange(Wo) * sw + b * dw - pl
+            iy, ix = np.nonzero((y >= 0) & (y < H))[0], np.nonzero((x >= 0) & (x < W))[0]
+            for q in range(g):
+                o, ci = slice(q * og, (q + 1) * og), slice(q * cg, (q + 1) * cg)
+                M[o, iy[:, None], ix[None, :], ci, y[iy][:, None], x[ix][None, :]] = K[o, :, a, b]
+    return M.reshape(co * Ho * Wo, C * H * W)
+
+
+def dft_blocks(K, geo, grid):
+    """(chunks of the DFT blocks of the circular relaxation on `grid`, bound on each block's error)."""
+    (C, H, W), (_, Ho, Wo) = geo["input_shape"], geo["output_shape"]
+    (sh, sw), (dh, dw), g, (pt, pl, pb, pr) = geo["strides"], geo["dilations"], geo["group"], geo["pads"]
+    Nh, Nw = (int(v) for v in grid)
+    for n, p0, p1, s, N, nout in ((H, pt, pb, sh, Nh, Ho), (W, pl, pr, sw, Nw, Wo)):
+        if Nh * Nw > 2 ** 22 or not ((s == 1 and N >= max(n + p0, n + p1, nout)) or N >= -(-(n + p0 + p1) // s)):
+            return None, 0.0                                      # not a valid embedding grid
+    (co, cg, kh, kw), M = K.shape, Nh * Nw
+    T, m, Kg = kh * kw, co // g, K.reshape(g, co // g, cg, kh * kw)
+    th, tw = np.repeat(dh * np.arange(kh), kw), np.tile(dw * np.arange(kw), kh)
+    qh, qw, r = th // sh, tw // sw, (th % sh) * sw + tw % sw     # tap t = s q + r: offset q, input phase r
+    wh, ww = np.divmod(np.arange(M), Nw)
+    keep = wh * Nw + ww <= (-wh % Nh) * Nw + (-ww % Nw)           # Khat(-w) = conj(Khat(w))
+    F = np.nonzero(keep if len(set(zip(qh, qw))) > 1 else np.arange(M) == 0)[0]  # one offset: one block
+    J = (wh[F, None] * qh * Nw + ww[F, None] * qw * Nh) % M
+    tws = np.array([1.0] + [complex(math.cos(2 * math.pi * (min(j, M - j) / M)),   # angle in [0, pi]
+                                    math.copysign(math.sin(2 * math.pi * (min(j, M - j) / M)), M - 2 * j))
+                            for j in range(1, M)])
+    S = np.zeros((g, m, cg, sh * sw))
+    for a in range(T):
+        S[..., r[a]] += np.abs(Kg[..., a])
+    delta = up(TW + up(gam(T) * up(1.0 + TW)))                   # per entry: |error| <= delta * S (re, im)
+    err = up(up(up(SQRT2 * delta) * max(norm_up(infl(S[i], T)) for i in range(g))) + 2 * T * S.size * ETA)
+    phase = [np.nonzero(r == p)[0] for p in range(sh * sw)]      # polyphase: tap a feeds channel (c, r_a)
+    KT, fb = [np.ascontiguousarray(Kg[..., i].reshape(-1, len(i)).T) for i in phase], max(1, 2 ** 21 // S.size)
+
+    def chunks():
+        for i in range(0, len(F), fb):
+            B, j = np.zeros((len(F[i:i + fb]), g * m * cg, sh * sw), dtype=np.complex128), J[i:i + fb]
+            for p, idx in enumerate(phase):
+                if len(idx):
+                    B[..., p].real, B[..., p].imag = tws.real[j[:, idx]] @ KT[p], tws.imag[j[:, idx]] @ KT[p]
+            yield B.reshape(-1, m, cg * sh * sw)
+    return chunks(), err
+
+
+def prove(K, st, hint, t, folds) -> bool:
+    """True only if ||A||_2 <= t for the exact operator A of stage st (kernel K up to `folds` roundings)."""
+    taps = K.shape[2] * K.shape[3] if K.ndim == 4 else 1          # fold error: relative gamma_f per entry
+    ferr = up(up(math.sqrt(taps)) * up(norm_up(K) * up(2 * gam(folds)))) if folds else 0.0
+    blocks, derr = [[K]], 0.0
+    if st["kind"] == "conv" and hint.get("family") == "explicit":
+        E = explicit(K, st["geo"])
+        blocks = [[E]] if E is not None else None
+    elif st["kind"] == "conv":
+        blocks, derr = dft_blocks(K, st["geo"], hint.get("grid", (0, 0))) if hint.get("family") == "dft" else (None, 0)
+    t1 = down(down(float(t) - derr) - ferr)
+    return blocks is not None and t1 >= 0 and all(all(pmap(lambda Mb: gram_ok(Mb, t1), ch)) for ch in blocks)
+
+
+# ------------------------------------------------------------------ forward pass
+def conv(x, K, b, geo):
+    (sh, sw), (dh, dw), g, (pt, pl, pb, pr) = geo["strides"], geo["dilations"], geo["group"], geo["pads"]
+    (co, cg, kh, kw), og = K.shape, K.shape[0] // geo["group"]
+    win = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))),
+                                                   (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]
+    B, _, Ho, Wo = win.shape[:4]
+    y = np.empty((B, Ho, Wo, co))
+    for q in range(g):                                            # im2col + BLAS: inner products of length n
+        cols = win[:, q * cg:(q + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(B * Ho * Wo, cg * kh * kw)
+        y[..., q * og:(q + 1) * og] = (cols @ K[q * og:(q + 1) * og].reshape(og, -1).T).reshape(B, Ho, Wo, og)
+    y = y.transpose(0, 3, 1, 2)
+    return y if b is None else y + b[:, None, None]
+
+
+def apply(st, h):
+    """One stage in float64: (output, per-sample bound on its own rounding error, Lipschitz)."""
+    kind, B = st["kind"], len(h)
+    if kind in ("reshape", "relu", "minmax"):                     # exact operations
+        if kind != "minmax":
+            return (h.reshape((B,) + st["out"]) if kind == "reshape" else np.maximum(h, 0.0)), 0.0, 1.0
+        a, b = np.split(h, 2, axis=1)
+        hi, lo = np.maximum(a, b), np.minimum(a, b)
+        return np.concatenate([hi, lo] if st["order"] == "maxmin" else [lo, hi], axis=1), 0.0, 1.0
+    if kind == "affine":                                          # one IEEE operation per entry
+        c, op = st["c"], st["op"]
+        y = (h + c if op == "Add" else h * c if op == "Mul" else h / c if op == "Div"
+             else c - h if st["first"] else h - c)
+        return y, vup(vup(norm_up(y, 1) * (2 * U)) + y[0].size * ETA), st["lip"]
+    if "abs" not in st:                                           # || |W| ||_2 <= sqrt(max row sum * max col sum)
+        W = np.abs(st["W"])
+        g, n = st["geo"].get("group", 1), W[0].size
+        rows, cols = W.reshape(len(W), -1).sum(axis=1), W.reshape(g, len(W) // g, W.shape[1], -1).sum(axis=(1, 3))
+        st["abs"] = up(math.sqrt(up(float(infl(rows.max(), n)) * float(infl(cols.max(), W.size)))))
+        pos = int(np.prod(st["out"][1:]))
+        st["bnorm"], st["n"] = (0.0 if st["bias"] is None else up(norm_up(st["bias"]) * up(math.sqrt(pos)))), n + 1
+    y = conv(h, st["W"], st["bias"], st["geo"]) if kind == "conv" else h @ st["W"].T
+    y = y + st["bias"] if kind == "dense" and st["bias"] is not None else y
+    # |fl(W x + b) - (W x + b)| <= gamma_{n+1} (|W| |x| + |b|) entrywise, any summation order
+    r = vup(gam(st["n"]) * vup(vup(st["abs"] * norm_up(h, 1)) + st["bnorm"]))
+    return y, vup(r + y[0].size * st["n"] * ETA), 1.0
+
+
+def forward(items, x, batch=16):
+    """Float64 logits and per-sample e with ||logits - exact logits||_2 <= e (proofs/certificate.md)."""
+    def run(i):
+        h, e = np.asarray(x[i:i + batch], F64), np.zeros(len(x[i:i + batch]))
+        for sts, L in items:
+            loc = np.zeros(len(h))
+            for st in sts:                                        # error of the item's own nodes at h ...
+                h, r, m = apply(st, h)
+                loc = vup(vup(loc * m) + r)
+            e = vup(vup(e * L) + loc)                             # ... plus the propagated input error
+        return h, e
+    outs = [run(0)] + pmap(run, range(batch, len(x), batch))      # the first batch fills per-stage caches
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+# ------------------------------------------------------------------ the check
+def match(name, op, stages, pos, consts):
+    """Check that certificate entry `op` describes stages[pos:...]; returns (stages, kernel, folds)."""
+    names, geo = list(op.get("nodes") or fail(name, "covers no graph node")), op.get("geometry") or {}
+    sts = stages[pos:pos + len(names)]
+    if [s["name"] for s in sts] != names:
+        fail(name, f"covers {names} but the graph's next nodes are {[s['name'] for s in sts]}")
+    head, rest = sts[0], sts[1:]
+    if op.get("kind") != head["kind"]:
+        fail(name, f"kind {op.get('kind')!r} but the graph node is {head['kind']!r}")
+    if rest and (head["kind"] not in ("conv", "dense")
+                 or any(s["kind"] != "affine" or s["op"] not in ("Mul", "Div") or s["first"] for s in rest)):
+        fail(name, "only Mul/Div by a constant can be folded into a linear operator")
+    want, got = {k: v for s in sts for k, v in s["inits"].items()}, op.get("initializers") or {}
+    if set(got) != set(want):
+        fail(name, f"lists initializers {sorted(got)}, the graph uses {sorted(want)}")
+    for k, v in want.items():
+        if (got[k] or {}).get("sha256") != sha(v):
+            fail(name, f"sha256 of initializer {k!r} does not match the model")
+    for k, v in head["geo"].items():
+        if geo.get(k) != v:
+            fail(name, f"geometry {k} = {geo.get(k)} but the graph has {v}")
+    if head["kind"] not in ("conv", "dense"):
+        if op.get("recipe", []) != head["recipe"]:
+            fail(name, "recipe differs from the graph's node")
+        return sts, None, 0
+    steps = head["recipe"] + [{"step": "fold", "op": s["op"], "initializer": s["recipe"][0]["initializer"]}
+                              for s in rest]
+    mine, theirs = build(steps, consts, name), build(op.get("recipe") or [], consts, name)
+    if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
+        fail(name, "the recipe does not rebuild the operator the graph computes")
+    return sts, mine, len(rest)
+
+
+def check(model_bytes: bytes, cert: dict, x=None, y=None) -> dict:
+    """Re-verify `cert` for the ONNX model `model_bytes` (and the data x, y); raises CheckFailed."""
+    try:                                  # one BLAS thread: threaded LAPACK crawls on shared cores (speed only)
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(1)
+    except ImportError:
+        limit = contextlib.nullcontext()
+    with limit:
+        try:
+            return _check(model_bytes, cert, x, y)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise CheckFailed("certificate", f"malformed or unsupported ({type(e).__name__}: {e})") from None
+
+
+def _check(model_bytes, cert, x, y):
+    if cert.get("format") != FORMAT:
+        fail("certificate", f"format {cert.get('format')!r} is not {FORMAT}")
+    if hashlib.sha256(model_bytes).hexdigest() != cert["model"]["sha256"]:
+        fail("model", "sha256 differs from the certificate's")
+    stages, consts = walk(onnx.load_from_string(model_bytes), cert["model"]["input_shape"])
+    for st in stages:
+        if st["kind"] in ("conv", "dense"):
+            st["W"] = build(st["recipe"], consts, st["name"])
+    items, pos, ops = [], 0, cert["operators"]
+    for k, op in enumerate(ops):
+        name = f"operator {k} ({', '.join(op.get('nodes') or [])})"
+        sts, K, folds = match(name, op, stages, pos, consts)
+        t = float(op.get("bound", math.nan))
+        if not (math.isfinite(t) and t >= 0):
+            fail(name, "claimed bound is not a finite number >= 0")
+        if K is not None and not prove(K, sts[0], (op.get("geometry") or {}).get("proof") or {}, t, folds):
+            fail(name, f"claimed bound {t!r} is not proven (Rump criterion fails)")
+        if K is None and not t >= sts[0]["lip"]:
+            fail(name, f"claimed bound {t!r} is below the rule's {sts[0]['lip']!r}")
+        items.append((sts, t))
+        pos += len(sts)
+    hd, comp = cert["head"], cert["composition"]
+    sts, W, _ = match("head", {**hd, "nodes": [hd.get("node")]}, stages, pos, consts)
+    if sts[0]["kind"] != "dense" or pos + 1 != len(stages):
+        fail("head", "the head must be the last graph node, a dense layer")
+    if sorted(comp.get("order", [])) != list(range(len(ops))):
+        fail("composition", "the order must list every operator exactly once")
+    L, body = 1.0, float(comp.get("body", math.nan))
+    for k in comp["order"]:
+        L = up(L * items[k][1])
+    if not (body >= L and float(hd.get("L_body", math.nan)) == body):
+        fail("composition", f"body bound {body!r} is below the upward-rounded product {L!r}")
+    (C, D), Kc = W.shape, np.array(hd.get("K"), dtype=F64)
+    if Kc.shape != (C, C) or not np.all(np.isfinite(Kc) & (Kc >= 0)):
+        fail("head", f"K must be a finite non-negative {C}x{C} matrix")
+    for i in range(C):                                            # ||d||^2 <= (fsum(fl(fl(d)^2)) + D eta)(1 + 8u)
+        s = np.array([math.fsum(v) for v in (W - W[i]) ** 2])
+        Kup = vup(body * vup(np.sqrt(vup(vup(s + D * ETA) * up(1 + 8 * U)))))
+        j = np.nonzero((Kc[i] < Kup) & (np.arange(C) != i))[0]
+        if j.size:
+            fail(f"K[{i}][{j[0]}]", f"{float(Kc[i, j[0]])!r} is below L_body ||w_i - w_j|| <= {float(Kup[j[0]])!r}")
+    items.append((sts, up(norm_up(W))))                           # head: ||W||_2 <= ||W||_F
+    out = {"valid": True, "operators": len(ops), "body": L, "samples_checked": 0, "certified": 0}
+    return out if x is None else {**out, **check_samples(model_bytes, cert, items, Kc, x, y)}
+
+
+def check_samples(model_bytes, cert, items, Kc, x, y) -> dict:
+    S, eps = cert["samples"], float(cert["eps"])
+    x, y = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64)
+    if hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest() != cert["data"]["sha256"] or len(S) != len(x):
+        fail("data", "the data's sha256 (or size) differs from the certificate's")
+    f, e = forward(items, x)
+    import onnxruntime as ort
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    feed = x[:8].astype(F64) if "double" in sess.get_inputs()[0].type else x[:8]
+    ref, f0 = sess.run(None, {sess.get_inputs()[0].name: feed})[0], f[:8]    # a cross-check, not a proof
+    if ref.shape != f0.shape or not np.max(np.abs(ref - f0), initial=0.0) <= 1e-3 * (1 + np.max(np.abs(f0), initial=0)):
+        fail("model", "this checker's forward pass disagrees with onnxruntime")
+    (N, C), sq2e = f.shape, vup(SQRT2 * e)[:, None]
+    if [s.get("index") for s in S] != list(range(N)) or any(s.get("label") != int(v) for s, v in zip(S, y)):
+        fail("samples", "indices must be 0..n-1 and labels must be the data's")
+    claim, pred = np.array([bool(s.get("certified")) for s in S]), np.array([int(s.get("pred", -1)) for s in S])
+    fin, top = np.all(np.isfinite(f), axis=1) & np.isfinite(e), np.argmax(np.where(np.isfinite(f), f, -np.inf), axis=1)
+
+    def bounds(p):                                                # rigorous bounds on f_p - f_j (exact)
+        d = f[np.arange(N), p][:, None] - f
+        return (np.nextafter(np.nextafter(d - 2 * U * np.abs(d), -np.inf) - sq2e, -np.inf),
+                vup(vup(d + 2 * U * np.abs(d)) + sq2e), np.arange(C)[None, :] != p[:, None])
+    lo, _, others = bounds(top)
+    bad = np.nonzero(fin & np.all(~others | (lo > 0), axis=1) & (pred != top))[0]   # argmax determined
+    if bad.size:
+        fail(f"sample {bad[0]}", f"claimed prediction {pred[bad[0]]} is not the model's {top[bad[0]]}")
+    p = np.clip(pred, 0, C - 1)
+    lo, hi, others = bounds(p)
+    ok = fin & (pred >= 0) & (pred < C) & np.all(~others | (lo > vup(eps * Kc[p])), axis=1)
+    if np.any(claim & ~ok):
+        fail(f"sample {np.nonzero(claim & ~ok)[0][0]}", "claimed certified, but a margin lower bound is <= eps K")
+    M = np.array([[math.nan if v is None else float(v) for v in s.get("margins") or [None] * C] for s in S])
+    if M.shape != f.shape:
+        fail("samples", f"every sample needs {C} margins")
+    if np.any(others & (M > hi)):
+        fail(f"sample {np.nonzero(np.any(others & (M > hi), axis=1))[0][0]}", "a claimed margin exceeds the truth")
+    summ, vra = cert.get("summary") or {}, float(np.mean(claim & (pred == y))) if N else 0.0
+    if summ.get("certified") != int(claim.sum()) or abs(summ.get("vra", -1) - vra) > 1e-12:
+        fail("summary", "certified count / VRA differ from the samples")
+    return {"samples_checked": N, "certified": int(claim.sum()), "vra": vra}
+
+
+if __name__ == "__main__":                                        # standalone: no certlib needed
+    import json
+    if len(sys.argv) not in (3, 4):
+        sys.exit("usage: python checker.py MODEL.onnx CERT.json [DATA.npz with arrays x, y]")
+    data = np.load(sys.argv[3]) if len(sys.argv) == 4 else None
+    try:
+        with open(sys.argv[1], "rb") as fh, open(sys.argv[2]) as fc:
+            res = check(fh.read(), json.load(fc), *((data["x"], data["y"]) if data is not None else ()))
+    except CheckFailed as ex:
+        print(f"certificate INVALID: {ex}", file=sys.stderr)
+        sys.exit(4)
+    print(json.dumps(res))
