@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from certlib import __version__
-from certlib.errors import CertlibError, UsageError
+from certlib.errors import CertlibError, ProofCheckError as ProofFailure, UsageError
 
 err_console = Console(stderr=True)
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -270,6 +270,61 @@ def train(
         err_console.print(f"sound VRA at eps={cfg.eps:.4g}: [bold]{100 * summary['sound_vra']:.2f}%[/] "
                           f"(clean {100 * summary['clean_accuracy']:.2f}%, L_body {summary['lipschitz_body']:.6g})")
     print(json.dumps(summary))
+
+
+@app.command()
+def attack(
+    model: Path = typer.Argument(..., help="ONNX model."),
+    data: str = typer.Option("digits", help="Data spec (test split)."),
+    eps: str = typer.Option(..., help="l2 radius (fractions such as 36/255 accepted)."),
+    method: str = typer.Option("exact", help=METHOD_HELP),
+    limit: Optional[int] = typer.Option(None, help="Attack only the first N samples."),
+    steps: int = typer.Option(50, help="PGD steps per restart."),
+    restarts: int = typer.Option(3, help="PGD restarts (the first starts at the clean point)."),
+    input_shape: Optional[str] = typer.Option(None, help="C,H,W when the model's input shape is dynamic."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the attack report as JSON."),
+) -> None:
+    """Falsify certificates: PGD-l2 inside eps on every certified sample, and an
+    empirical (lower) bound on the logits' Lipschitz constant.  A sound
+    certificate has zero violations."""
+    import numpy as np
+
+    from certlib.attack import empirical_lipschitz, pgd_l2
+    from certlib.onnx_import import load
+    from certlib.verify import verify_graph
+
+    e = _eps(eps)
+    m = _method(method, False)
+    ds = _data(data, limit)
+    if steps < 1 or restarts < 1:
+        raise UsageError("--steps and --restarts must be >= 1")
+    with _progress() as p:
+        task = p.add_task("importing model")
+        _, g = load(model, _shape(input_shape))
+        p.update(task, description="certifying")
+        rep = verify_graph(g, ds, e, m)
+        r = rep.result
+        cert = np.flatnonzero(r.certified)
+        p.update(task, description=f"PGD-l2 on {cert.size} certified samples")
+        flipped = np.zeros(0, dtype=bool)
+        if cert.size:
+            flipped, _ = pgd_l2(g, ds.x[cert], r.pred[cert], e, steps=steps, restarts=restarts)
+        p.update(task, description="empirical Lipschitz search")
+        lower = empirical_lipschitz(g, ds.x[: min(len(ds), 64)], steps=steps)
+    upper = float(rep.analysis.body.value) * float(np.linalg.svd(rep.analysis.head_weight, compute_uv=False)[0])
+    violations = [int(i) for i in cert[flipped]]
+    out = {"model": str(model), "eps": e, "n": r.n, "certified": int(cert.size), "attacked": int(cert.size),
+           "violations": violations, "empirical_lipschitz_lower": lower,
+           "certified_lipschitz_upper": upper, "lower_over_upper": lower / upper if upper > 0 else None}
+    colour = "green" if not violations else "bold red"
+    err_console.print(f"certified {cert.size}/{r.n} at eps={e:.6g}; PGD-l2 ({restarts}x{steps} steps) found "
+                      f"[{colour}]{len(violations)} violation(s)[/]")
+    err_console.print(f"empirical Lipschitz lower bound {lower:.6g} / certified upper bound {upper:.6g} "
+                      f"= {out['lower_over_upper']:.4f}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(out, indent=2) + "\n")
+    if violations:
+        raise ProofFailure(f"{len(violations)} certified sample(s) broken by the attack: {violations[:10]}")
 
 
 @app.command()

@@ -97,3 +97,14 @@ def test_usage_errors(trained):
         r = _cli("verify", m, *args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_attack_cli_finds_no_violation(trained, tmp_path):
+    j = tmp_path / "a.json"
+    r = _cli("attack", str(trained / "model.onnx"), "--eps", "0.3", "--limit", "60", "--steps", "15",
+             "--restarts", "2", "--json", str(j))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(j.read_text())
+    assert rep["violations"] == [] and rep["attacked"] == rep["certified"]
+    assert 0 < rep["empirical_lipschitz_lower"] <= rep["certified_lipschitz_upper"]
+    assert "lower bound" in r.stderr
