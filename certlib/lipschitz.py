@@ -88,6 +88,26 @@ def _verifier(method: str):
     raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
 
 
+def _sdp_preflight(g: Graph, items) -> None:
+    """Refuse up front (before minutes of solving) every operator the SDP
+    verifier cannot take, all listed in one error."""
+    from certlib.errors import Unsupported
+    from certlib.verifiers.sdp import check
+
+    problems = []
+    for idx, op, _, label in items:
+        if op is None:
+            continue
+        small = isinstance(op, Conv2d) and op.in_dim + op.out_dim <= SDP_MAX_DIM
+        try:
+            check(Dense(conv_matrix(op)) if small else op, max_dim=SDP_MAX_DIM)
+        except ValueError as e:
+            n = g.nodes[idx[0]]
+            problems.append(Unsupported(n.name, n.onnx_op, 0, f"{label}: {e} (use --method exact or power)"))
+    if problems:
+        raise UnsupportedModelError(problems)
+
+
 def _explicit(op, limit: int):
     if isinstance(op, Conv2d) and op.in_dim <= limit and op.out_dim <= limit:
         return Dense(conv_matrix(op))
@@ -225,6 +245,8 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
     else:
         verify = _verifier(method)
     items = _chain_items(g.nodes, 0, h)
+    if method == "sdp" and not estimate_only:
+        _sdp_preflight(g, items)
     node_bounds = [1.0] * len(g.nodes)
     layers: list[LayerBound] = []
     body = 1.0

@@ -34,7 +34,7 @@ from .operators import Conv2d, Dense, LinearOperator
 from .power import ConvFamily, family
 from .rump import DenseFamily, prove_family, real_embedding
 
-__all__ = ["solve_norm_sdp", "sdp_bound", "DEFAULT_SOLVER", "FALLBACK_SOLVER"]
+__all__ = ["solve_norm_sdp", "sdp_bound", "check", "DEFAULT_SOLVER", "FALLBACK_SOLVER"]
 
 DEFAULT_SOLVER = "CLARABEL"
 FALLBACK_SOLVER = "SCS"
@@ -76,6 +76,12 @@ def solve_norm_sdp(M, solver: str | None = None) -> tuple[float, dict]:
                 "solver": name, "status": prob.status, "seconds": dt}
         errors.append(f"{name}: status {prob.status}")
     raise RuntimeError("SDP solve failed: " + "; ".join(errors))
+
+
+def check(op: LinearOperator, max_dim: int = 400, mode: str = "auto", max_blocks: int = 4096) -> None:
+    """Raise ValueError (naming the limit) when sdp_bound would refuse ``op``,
+    before any SDP is solved."""
+    _family(op, max_dim, mode, max_blocks)
 
 
 def _family(op: LinearOperator, max_dim: int, mode: str, max_blocks: int):
