@@ -65,27 +65,37 @@ SDP_MAX_DIM = 400
 
 
 def _verifier(method: str):
-    """A function op -> Bound for the method; small convolutions are handed
-    over as their exact explicit matrix (true zero-padded norm)."""
+    """A function op -> Bound for the method (ops as chosen by _explicit_for)."""
     if method == "exact":
         from certlib.verifiers.svd import bound
 
-        return lambda op: bound(_explicit(op, DENSE_LIMIT))
+        return bound
     if method == "power":
         from certlib.verifiers.power import power_bound
 
-        return lambda op: power_bound(_explicit(op, DENSE_LIMIT))
+        return power_bound
     if method == "sdp":
         from certlib.verifiers.sdp import sdp_bound
 
         def sdp(op):
-            small = isinstance(op, Conv2d) and op.in_dim + op.out_dim <= SDP_MAX_DIM
             try:
-                return sdp_bound(Dense(conv_matrix(op)) if small else op, max_dim=SDP_MAX_DIM)
+                return sdp_bound(op, max_dim=SDP_MAX_DIM)
             except ValueError as e:
                 raise UnsupportedModelError(f"--method sdp cannot bound this operator: {e}") from None
         return sdp
     raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def _explicit_for(op, method: str):
+    """The operator a method is handed: a small convolution becomes its exact
+    explicit matrix (true zero-padded norm), anything else stays as it is."""
+    if not isinstance(op, Conv2d):
+        return op
+    if method == "sdp":
+        small = op.in_dim + op.out_dim <= SDP_MAX_DIM
+    else:
+        small = op.in_dim <= DENSE_LIMIT and op.out_dim <= DENSE_LIMIT
+    return Dense(conv_matrix(op)) if small else op
 
 
 def _sdp_preflight(g: Graph, items) -> None:
@@ -98,28 +108,13 @@ def _sdp_preflight(g: Graph, items) -> None:
     for idx, op, _, label in items:
         if op is None:
             continue
-        small = isinstance(op, Conv2d) and op.in_dim + op.out_dim <= SDP_MAX_DIM
         try:
-            check(Dense(conv_matrix(op)) if small else op, max_dim=SDP_MAX_DIM)
+            check(_explicit_for(op, "sdp"), max_dim=SDP_MAX_DIM)
         except ValueError as e:
             n = g.nodes[idx[0]]
             problems.append(Unsupported(n.name, n.onnx_op, 0, f"{label}: {e} (use --method exact or power)"))
     if problems:
         raise UnsupportedModelError(problems)
-
-
-def _explicit(op, limit: int):
-    if isinstance(op, Conv2d) and op.in_dim <= limit and op.out_dim <= limit:
-        return Dense(conv_matrix(op))
-    return op
-
-
-def _is_explicit(op, method: str) -> bool:
-    if not isinstance(op, Conv2d):
-        return False
-    if method == "sdp":
-        return op.in_dim + op.out_dim <= SDP_MAX_DIM
-    return op.in_dim <= DENSE_LIMIT and op.out_dim <= DENSE_LIMIT
 
 
 @dataclass
@@ -263,8 +258,9 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
                 raise UnsoundError("power.estimate must return an Estimate")
             value, how = float(est.value), "power-estimate (UNSOUND)"
         else:
-            small = _is_explicit(op, method)
-            b = verify(op)
+            target = _explicit_for(op, method)
+            small = target is not op
+            b = verify(target)
             if not isinstance(b, Bound):
                 raise UnsoundError(f"verifier {method} returned {type(b).__name__}, not a Bound")
             value, how = b.value, b.method + (" (explicit matrix)" if small else "")

@@ -1,6 +1,7 @@
 """Small ONNX models built with onnx.helper for import tests."""
 
 import numpy as np
+import torch
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -54,3 +55,15 @@ def unsupported_net():
         helper.make_node("Gemm", ["h", "W"], ["y"], name="head", transB=1),
     ]
     return make_model(nodes, inits, (1, 4, 4), 3)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial random weights (scales != 1, biases != 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("scale"):
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model

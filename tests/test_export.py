@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx_builders import randomize
 from onnx import numpy_helper
 
 from certlib.models import PRESETS, LiResNet, LiResNetConfig, build
@@ -20,14 +21,10 @@ SLOW_PRESETS = {"imagenet"}
 
 def _randomize(model: LiResNet, seed: int = 0) -> LiResNet:
     """Random non-trivial weights whose logits are O(1) (so atol 1e-5 means something)."""
-    g = torch.Generator().manual_seed(seed)
+    randomize(model, seed)  # scales != 1, biases != 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("scale"):
-                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif name.startswith("blocks"):
+            if name.startswith("blocks") and not name.endswith(("scale", "bias")):
                 p.mul_(8.0)  # residual branch 8x its init size
         model.head.bias.mul_(10.0)
         model.stem.weight.mul_(4.0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from certlib.graph import ActivationNode, AffineNode, LinearNode, ReshapeNode
+from certlib.graph import ActivationNode, AffineNode, LinearNode
 from certlib.lipschitz import analyze, split_head
 from certlib.models.liresnet import build
 from certlib.onnx_export import build_onnx

@@ -25,18 +25,9 @@ from certlib.models import (
     conv2d_adjoint,
     power_iteration,
 )
+from onnx_builders import randomize as _randomize
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial random weights (scales != 1, biases != 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("scale"):
-                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 # ------------------------------------------------------------------ MinMax
