@@ -124,6 +124,30 @@ def _entry(k, ir_nodes, op, bound, method, label, onnx_nodes, inits) -> dict:
             "recipe": recipe, "bound": float(bound), "method": method}
 
 
+#: what the independent checker (proofs/checker.py) re-proves
+CHECKED_ACTIVATIONS = ("relu", "minmax", "minmax_rev")
+
+
+def _require_certifiable(g) -> None:
+    """Refuse --proof for structures the independent checker does not cover
+    (the model can still be verified without --proof)."""
+    from certlib.graph import ActivationNode, IndexNode, LinearNode, ParallelNode
+
+    bad = []
+    for n in g.nodes:
+        if isinstance(n, ParallelNode):
+            bad.append(f"{n.name} (branches merged by {n.onnx_op})")
+        elif isinstance(n, IndexNode):
+            bad.append(f"{n.name} ({n.onnx_op})")
+        elif isinstance(n, ActivationNode) and n.activation not in CHECKED_ACTIVATIONS:
+            bad.append(f"{n.name} ({n.activation})")
+        elif isinstance(n, LinearNode) and n.transposed:
+            bad.append(f"{n.name} (ConvTranspose)")
+    if bad:
+        raise UsageError("--proof: the independent checker does not cover these nodes yet: " + ", ".join(bad)
+                         + ". Run `certlib verify` without --proof (the certification itself is sound).")
+
+
 def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_shape=None) -> dict:
     """The certificate (a JSON-ready dict) for a sound VerifyReport ``rep`` of ``model_path`` on ``data``."""
     from certlib.lipschitz import _chain_items
@@ -133,6 +157,7 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
         raise UsageError("--proof needs sound certification (not --estimate-only)")
     model = onnx.load(str(model_path))
     _, g = load(model_path, input_shape)
+    _require_certifiable(g)
     a = rep.analysis
     names = [n.name for n in model.graph.node]
     onnx_nodes = {n.name: n for n in model.graph.node if n.name and names.count(n.name) == 1}

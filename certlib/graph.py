@@ -1,20 +1,27 @@
-"""The Lipschitz IR: a chain of typed nodes, each with exact float64 semantics.
+"""The Lipschitz IR: typed nodes with exact float64 semantics, in a
+series-parallel structure.
 
 An imported model becomes a :class:`Graph`: one input of fixed per-sample shape
 and a list of nodes in execution order, each reading the previous node's output.
 Node kinds:
 
 * :class:`LinearNode`  -- a linear operator (Dense / Conv2d from
-  ``certlib.verifiers.operators``) plus an optional bias;
+  ``certlib.verifiers.operators``) plus an optional bias; ``transposed`` applies
+  the adjoint of the Conv2d (ONNX ConvTranspose; same norm);
 * :class:`AffineNode`  -- elementwise ``scale * x + shift`` (Sub/Add/Mul/Div by
   constants, BatchNormalization, input normalisation);
-* :class:`ReshapeNode` -- Flatten/Reshape/Identity: an isometry;
-* :class:`ActivationNode` -- ReLU (1-Lipschitz) or MinMax (1-Lipschitz: it
-  sorts each channel pair (a_k, b_k), which is 1-Lipschitz pair by pair).
+* :class:`ReshapeNode` -- Flatten/Reshape/Squeeze/Unsqueeze/Identity: an isometry;
+* :class:`IndexNode`   -- a coordinate map that moves, drops or zero-pads
+  entries (Transpose, Pad, Slice, SpaceToDepth, DepthToSpace): Lipschitz <= 1;
+* :class:`ActivationNode` -- a pointwise or pooling nonlinearity with a proven
+  Lipschitz constant (table :data:`ACTIVATIONS`; proofs/activations.md);
+* :class:`ParallelNode` -- branches of one input merged by add/sub, concat,
+  max or min (nonlinear residuals x + g(x), inception-style blocks).
 
-:meth:`Graph.forward` evaluates the chain in float64 and returns, next to the
-output, a rigorous upper bound on the l2 distance between the computed output and
-the exact-arithmetic output (see proofs/margin_slack.md), given per-node
+Every node knows its float64 evaluation and the rounding error of that
+evaluation (:meth:`Node.apply`).  :meth:`Graph.forward` returns, next to the
+output, a rigorous upper bound on the l2 distance between the computed output
+and the exact-arithmetic output (proofs/margin_slack.md), given per-node
 Lipschitz bounds.
 """
 
@@ -30,6 +37,9 @@ import torch.nn.functional as F
 from certlib.verifiers.operators import Conv2d, Dense
 
 U64 = 2.0 ** -53  # unit roundoff of IEEE double, round to nearest
+#: assumed bound on the relative error of torch's float64 tanh / sigmoid / exp
+#: (libm and SLEEF implementations are within a few ulps; this is 2^9 ulps)
+LIBM_REL = 2.0 ** -44
 
 
 def gamma(n: int) -> float:
@@ -38,6 +48,17 @@ def gamma(n: int) -> float:
     if nu >= 0.5:
         raise ValueError("dot product too long for the error model")
     return (nu / (1.0 - nu)) * (1.0 + 4 * U64)
+
+
+def _zero(h: torch.Tensor, track: bool):
+    return torch.zeros(h.shape[0], dtype=h.dtype) if track else None
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample l2 norms, inflated to upper-bound their rounding."""
+    flat = t.reshape(t.shape[0], -1)
+    n = flat.shape[1]
+    return torch.linalg.vector_norm(flat, dim=1) * (1 + gamma(n + 2))
 
 
 @dataclass
@@ -51,19 +72,45 @@ class Node:
     def kind(self) -> str:
         return type(self).__name__.replace("Node", "").lower()
 
+    def apply(self, h: torch.Tensor, track: bool, bound=None):
+        """Evaluate on a batch in float64; return (output, per-sample bound on
+        this node's own rounding error, or None when not ``track``).  ``bound``
+        is this node's entry of ``Analysis.node_bounds`` (used by nodes with
+        internal structure)."""
+        raise NotImplementedError  # pragma: no cover
+
 
 @dataclass
 class LinearNode(Node):
     op: Dense | Conv2d = None
     bias: np.ndarray | None = None
+    #: apply the adjoint of ``op`` (a Conv2d): ONNX ConvTranspose.  The norm is
+    #: the same; the output has ``op.input_shape``.
+    transposed: bool = False
+    output_padding: tuple = (0, 0)
 
     def terms(self) -> int:
         """Number of products in each output's dot product (+1 for the bias)."""
         if isinstance(self.op, Dense):
             n = self.op.weight.shape[1]
+        elif self.transposed:
+            k = self.op.kernel
+            n = k.shape[0] // self.op.groups * k.shape[2] * k.shape[3]
         else:
             n = int(np.prod(self.op.kernel.shape[1:]))
         return n + (1 if self.bias is not None else 0)
+
+    def apply(self, h, track, bound=None):
+        b = None if self.bias is None else torch.as_tensor(self.bias)
+        out = _linear(self, h, b)
+        if not track:
+            return out, None
+        # |fl(W x + b) - (W x + b)| <= gamma_n (|W||x| + |b|) elementwise (any
+        # summation order); the magnitude itself is computed in floating point
+        # from non-negative terms, so divide by (1 - gamma_n).
+        g = gamma(self.terms())
+        mag = _linear(self, h.abs(), None if b is None else b.abs(), absolute=True)
+        return out, _norms(mag * (g / (1 - g)) * (1 + g))
 
 
 @dataclass
@@ -80,16 +127,111 @@ class AffineNode(Node):
         m = float(np.max(np.abs(self.scale))) if np.size(self.scale) else 1.0
         return math.nextafter(m * (1.0 + self.const_err), math.inf) if self.const_err else m
 
+    def apply(self, h, track, bound=None):
+        s = torch.as_tensor(np.array(self.scale, dtype=np.float64))
+        t = torch.as_tensor(np.array(self.shift, dtype=np.float64))
+        out = h * s + t
+        if not track:
+            return out, None
+        # fl(fl(s*x) + t): each op relative error <= u; plus the error of the
+        # stored constants against the exact ones (const_err)
+        mag = (h * s).abs() * (1 + U64) + t.abs()
+        return out, _norms(mag * ((2 * U64 + self.const_err) * (1 + 4 * U64)))
+
 
 @dataclass
 class ReshapeNode(Node):
-    pass
+    def apply(self, h, track, bound=None):
+        return h.reshape((h.shape[0], *self.out_shape)), _zero(h, track)
+
+
+@dataclass
+class IndexNode(Node):
+    """transpose(perm) | pad(pads) | slice(slices) | space_to_depth(b) |
+    depth_to_space(b, mode): every output entry is one input entry or 0, and no
+    input entry is used twice, so the map is exact and 1-Lipschitz."""
+
+    fn: str = "transpose"
+    params: dict = field(default_factory=dict)
+
+    def apply(self, h, track, bound=None):
+        return _index(self.fn, self.params, h), _zero(h, track)
 
 
 @dataclass
 class ActivationNode(Node):
-    activation: str = "relu"  # relu | minmax
+    activation: str = "relu"  # a key of ACTIVATIONS
     lipschitz: float = 1.0
+    params: dict = field(default_factory=dict)
+
+    def apply(self, h, track, bound=None):
+        fn, rel = ACTIVATIONS[self.activation]
+        out = fn(h, self.params)
+        if not track:
+            return out, None
+        if rel == 0.0:
+            return out, _zero(h, track)
+        # relative error <= rel per entry (of the exact value, which is within
+        # a factor 1 + rel of the computed one)
+        return out, _norms(out.abs() * (rel * (1 + 2 * rel)))
+
+
+@dataclass
+class ParallelBound:
+    """node_bounds entry of a ParallelNode: the whole block's bound and, per
+    branch, the per-node bounds its own error recursion needs."""
+
+    total: float
+    branches: list
+
+    def __float__(self) -> float:
+        return float(self.total)
+
+
+@dataclass
+class ParallelNode(Node):
+    """Branches of one input, merged.  merge: "add" (signs +-1: Add/Sub),
+    "concat" (along per-sample ``axis``), "max" or "min" (elementwise).
+    An empty branch is the identity."""
+
+    branches: list = field(default_factory=list)
+    merge: str = "add"
+    signs: tuple = ()
+    axis: int = 0
+
+    def apply(self, h, track, bound=None):
+        outs, errs = [], []
+        for k, br in enumerate(self.branches):
+            y = h
+            e = _zero(h, track)
+            inner = bound.branches[k] if (track and bound is not None) else None
+            for j, node in enumerate(br):
+                y, r = node.apply(y, track, None if inner is None else inner[j])
+                if track:
+                    # the branch starts from the computed input (error 0); the
+                    # block's Lipschitz bound carries the input error
+                    L = float(inner[j]) if (inner is not None and j > 0) else 1.0
+                    e = (e * L + r) * (1 + 4 * U64) if j > 0 else r
+            outs.append(y)
+            errs.append(e)
+        if self.merge == "add":
+            out = sum(s * y if s != 1 else y for s, y in zip(self.signs, outs))
+            rnd = None
+            if track:
+                # len-1 roundings of a running sum: each <= u |partial sum|
+                mags = sum(y.abs() for y in outs)
+                rnd = sum(errs) + _norms(mags * (gamma(max(1, len(outs) - 1)) * (1 + 4 * U64)))
+            return out, rnd
+        if self.merge == "concat":
+            out = torch.cat(outs, dim=self.axis + 1)
+        elif self.merge == "max":
+            out = torch.stack(outs).amax(0)
+        elif self.merge == "min":
+            out = torch.stack(outs).amin(0)
+        else:  # pragma: no cover - importer only creates the four above
+            raise ValueError(self.merge)
+        # concat/max/min are exact; ||(d_1..d_k)|| <= sum ||d_b||
+        return out, (sum(errs) * (1 + 4 * U64) if track else None)
 
 
 @dataclass
@@ -103,6 +245,10 @@ class Graph:
     def linear_nodes(self) -> list:
         return [n for n in self.nodes if isinstance(n, LinearNode)]
 
+    def is_chain(self) -> bool:
+        """True when no node has branches (the structure certificates cover)."""
+        return not any(isinstance(n, ParallelNode) for n in self.nodes)
+
     # ----------------------------------------------------------- evaluation
     def forward(self, x: np.ndarray, node_lipschitz: list | None = None):
         """Evaluate in float64.  Returns (logits, err) where err[b] bounds the
@@ -114,74 +260,23 @@ class Graph:
             track = node_lipschitz is not None
             err = torch.zeros(h.shape[0], dtype=torch.float64) if track else None
             for i, node in enumerate(self.nodes):
-                h, rnd = _apply(node, h, track)
+                h, rnd = node.apply(h, track, node_lipschitz[i] if track else None)
                 if track:
                     L = float(node_lipschitz[i])
                     err = (err * L + rnd) * (1 + 4 * U64)  # upward-safe accumulation
             return h.numpy(), (err.numpy() if track else None)
 
-
     def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable float64 evaluation (for attacks and tests)."""
         h = x.to(torch.float64)
         for node in self.nodes:
-            h, _ = _apply(node, h, False)
+            h, _ = node.apply(h, False)
         return h
 
 
-def _norms(t: torch.Tensor) -> torch.Tensor:
-    """Per-sample l2 norms, inflated to upper-bound their rounding."""
-    flat = t.reshape(t.shape[0], -1)
-    n = flat.shape[1]
-    return torch.linalg.vector_norm(flat, dim=1) * (1 + gamma(n + 2))
-
-
-def _apply(node: Node, h: torch.Tensor, track: bool):
-    """One node in float64; returns (output, per-sample rounding-error bound)."""
-    zero = None
-    if isinstance(node, ReshapeNode):
-        return h.reshape((h.shape[0], *node.out_shape)), (torch.zeros(h.shape[0], dtype=h.dtype) if track else zero)
-    if isinstance(node, ActivationNode):
-        if node.activation == "relu":
-            out = torch.relu(h)
-        elif node.activation in ("minmax", "minmax_rev"):
-            a, b = h.chunk(2, dim=1)
-            hi, lo = torch.maximum(a, b), torch.minimum(a, b)
-            out = torch.cat([hi, lo] if node.activation == "minmax" else [lo, hi], dim=1)
-        else:  # pragma: no cover - importer only creates the two above
-            raise ValueError(node.activation)
-        # max, min and relu are exact in floating point
-        return out, (torch.zeros(h.shape[0], dtype=h.dtype) if track else zero)
-    if isinstance(node, AffineNode):
-        s = torch.as_tensor(np.array(node.scale, dtype=np.float64))
-        t = torch.as_tensor(np.array(node.shift, dtype=np.float64))
-        out = h * s + t
-        rnd = None
-        if track:
-            # fl(fl(s*x) + t): each op relative error <= u; plus the error of
-            # the stored constants against the exact ones (const_err)
-            mag = (h * s).abs() * (1 + U64) + t.abs()
-            rnd = _norms(mag * ((2 * U64 + node.const_err) * (1 + 4 * U64)))
-        return out, rnd
-    if isinstance(node, LinearNode):
-        op = node.op
-        b = None if node.bias is None else torch.as_tensor(node.bias)
-        out = _linear(op, h, b)
-        rnd = None
-        if track:
-            # |fl(W x + b) - (W x + b)| <= gamma_{n} (|W||x| + |b|) elementwise
-            # (any summation order); the magnitude itself is computed in floating
-            # point from non-negative terms, so divide by (1 - gamma_n).
-            n = node.terms()
-            babs = None if b is None else b.abs()
-            mag = _linear(op, h.abs(), babs, absolute=True)
-            g = gamma(n)
-            rnd = _norms(mag * (g / (1 - g)) * (1 + g))
-        return out, rnd
-    raise TypeError(f"unknown node {node!r}")  # pragma: no cover
-
-
-def _linear(op, h: torch.Tensor, b, absolute: bool = False) -> torch.Tensor:
+# ------------------------------------------------------------ evaluation
+def _linear(node: LinearNode, h: torch.Tensor, b, absolute: bool = False) -> torch.Tensor:
+    op = node.op
     if isinstance(op, Dense):
         w = torch.from_numpy(op.weight)
         if absolute:
@@ -194,9 +289,89 @@ def _linear(op, h: torch.Tensor, b, absolute: bool = False) -> torch.Tensor:
     if absolute:
         k = k.abs()
     pt, pl, pb, pr = op.padding
+    if node.transposed:
+        # adjoint of the conv on op.input_shape: full transposed conv, then crop
+        # the padding (output_padding rows/cols beyond the full size are zero)
+        y = F.conv_transpose2d(h, k, None, stride=op.stride, dilation=op.dilation, groups=op.groups)
+        _, OH, OW = op.input_shape
+        y = F.pad(y, (0, max(0, pl + OW - y.shape[3]), 0, max(0, pt + OH - y.shape[2])))
+        y = y[:, :, pt:pt + OH, pl:pl + OW]
+        return y if b is None else y + b.reshape(1, -1, 1, 1)
     if any(op.padding):
         h = F.pad(h, (pl, pr, pt, pb))
     return F.conv2d(h, k, b, stride=op.stride, dilation=op.dilation, groups=op.groups)
+
+
+def _index(fn: str, p: dict, h: torch.Tensor) -> torch.Tensor:
+    if fn == "transpose":
+        return h.permute(0, *[int(a) + 1 for a in p["perm"]])
+    if fn == "pad":  # p["pads"]: (begin_0..begin_{r-1}, end_0..end_{r-1}) per-sample dims
+        pads, r = list(p["pads"]), h.dim() - 1
+        flat = []
+        for d in reversed(range(r)):
+            flat += [pads[d], pads[d + r]]
+        return F.pad(h, flat)
+    if fn == "slice":  # p["slices"]: one (start, stop, step) per per-sample dim
+        return h[(slice(None), *(slice(*s) for s in p["slices"]))]
+    b = int(p["blocksize"])
+    n, c, H, W = h.shape
+    if fn == "space_to_depth":
+        t = h.reshape(n, c, H // b, b, W // b, b).permute(0, 3, 5, 1, 2, 4)
+        return t.reshape(n, c * b * b, H // b, W // b)
+    if fn == "depth_to_space":
+        if p.get("mode", "DCR") == "DCR":
+            t = h.reshape(n, b, b, c // (b * b), H, W).permute(0, 3, 4, 1, 5, 2)
+        else:
+            t = h.reshape(n, c // (b * b), b, b, H, W).permute(0, 1, 4, 2, 5, 3)
+        return t.reshape(n, c // (b * b), H * b, W * b)
+    raise ValueError(fn)  # pragma: no cover
+
+
+def _pairs(h: torch.Tensor, adjacent: bool):
+    if adjacent:
+        t = h.reshape(h.shape[0], h.shape[1] // 2, 2, *h.shape[2:])
+        return t[:, :, 0], t[:, :, 1]
+    return h.chunk(2, dim=1)
+
+
+def _minmax(order: str, adjacent: bool):
+    def fn(h, p):
+        a, b = _pairs(h, adjacent)
+        hi, lo = torch.maximum(a, b), torch.minimum(a, b)
+        first, second = (hi, lo) if order == "maxmin" else (lo, hi)
+        if adjacent:
+            return torch.stack([first, second], dim=2).reshape(h.shape)
+        return torch.cat([first, second], dim=1)
+    return fn
+
+
+def _maxpool(h, p):
+    pt, pl, pb, pr = p["pads"]
+    if any(p["pads"]):
+        h = F.pad(h, (pl, pr, pt, pb), value=-math.inf)
+    return F.max_pool2d(h, p["kernel"], p["strides"], 0, p["dilations"], ceil_mode=p.get("ceil_mode", False))
+
+
+def _const(p, key, like):
+    return torch.as_tensor(np.asarray(p[key], dtype=np.float64))
+
+
+#: activation -> (float64 function, relative rounding error per entry)
+ACTIVATIONS = {
+    "relu": (lambda h, p: torch.relu(h), 0.0),
+    "minmax": (_minmax("maxmin", False), 0.0),       # channel halves (a, b) -> (max, min)
+    "minmax_rev": (_minmax("minmax", False), 0.0),   # -> (min, max)
+    "minmax_pairs": (_minmax("maxmin", True), 0.0),  # adjacent channels (2k, 2k+1)
+    "minmax_pairs_rev": (_minmax("minmax", True), 0.0),
+    "abs": (lambda h, p: h.abs(), 0.0),
+    "clip": (lambda h, p: h.clamp(p.get("min"), p.get("max")), 0.0),
+    # alpha * x rounds once (relative error u) on the negative side
+    "leaky_relu": (lambda h, p: torch.where(h >= 0, h, h * p["alpha"]), U64),
+    "prelu": (lambda h, p: torch.where(h >= 0, h, h * _const(p, "slope", h)), U64),
+    "tanh": (lambda h, p: torch.tanh(h), LIBM_REL),
+    "sigmoid": (lambda h, p: torch.sigmoid(h), LIBM_REL),
+    "maxpool": (_maxpool, 0.0),
+}
 
 
 def describe(node: Node) -> str:
@@ -205,15 +380,23 @@ def describe(node: Node) -> str:
             m, n = node.op.weight.shape
             return f"Dense {n}->{m}"
         o = node.op
-        return (f"Conv {o.kernel.shape[1] * o.groups}->{o.kernel.shape[0]} k{o.kernel.shape[2]}x{o.kernel.shape[3]}"
-                f" s{o.stride[0]} p{o.padding[0]} on {o.input_shape[1]}x{o.input_shape[2]}"
+        cin, cout = o.kernel.shape[1] * o.groups, o.kernel.shape[0]
+        if node.transposed:
+            cin, cout = cout, cin
+        return (f"Conv{'Transpose' if node.transposed else ''} {cin}->{cout} "
+                f"k{o.kernel.shape[2]}x{o.kernel.shape[3]} s{o.stride[0]} p{o.padding[0]} on "
+                f"{node.in_shape[1]}x{node.in_shape[2]}"
                 + (f" g{o.groups}" if o.groups > 1 else "") + (f" d{o.dilation[0]}" if max(o.dilation) > 1 else ""))
     if isinstance(node, ActivationNode):
         return node.activation
     if isinstance(node, AffineNode):
         return "affine"
+    if isinstance(node, IndexNode):
+        return node.fn
+    if isinstance(node, ParallelNode):
+        return f"{node.merge}({', '.join(str(len(b)) + ' nodes' for b in node.branches)})"
     return "reshape"
 
 
-__all__ = ["Graph", "Node", "LinearNode", "AffineNode", "ReshapeNode", "ActivationNode",
-           "gamma", "U64", "describe"]
+__all__ = ["Graph", "Node", "LinearNode", "AffineNode", "ReshapeNode", "IndexNode", "ActivationNode",
+           "ParallelNode", "ParallelBound", "ACTIVATIONS", "gamma", "U64", "LIBM_REL", "describe"]

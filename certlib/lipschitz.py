@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from certlib.bounds import Bound, Estimate, UnsoundError, up, up_add, up_mul
+from certlib.bounds import Bound, Estimate, UnsoundError, up, up_add, up_mul, up_sqrt
 from certlib.errors import UnsupportedModelError
-from certlib.graph import U64, ActivationNode, AffineNode, Graph, LinearNode, ReshapeNode, describe, gamma
+from certlib.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelBound, ParallelNode,
+                           ReshapeNode, describe, gamma)
 from certlib.verifiers.operators import Conv2d, Dense
 
 METHODS = ("exact", "power", "sdp")
@@ -203,6 +204,12 @@ def _chain_items(nodes: list, start: int, stop: int):
             items.append(([i], n.op, None, describe(n)))
         elif isinstance(n, ActivationNode):
             items.append(([i], None, float(n.lipschitz), n.activation))
+        elif isinstance(n, IndexNode):
+            items.append(([i], None, 1.0, f"{n.fn} (moves/drops entries)"))
+        elif isinstance(n, ParallelNode):
+            items.append(([i], None, None, describe(n)))
+        else:
+            raise UnsupportedModelError(f"no Lipschitz rule for IR node {n.kind} ({n.name})")
         i += 1
     # fold a per-channel affine directly after a linear op into its output rows
     out = []
@@ -210,7 +217,7 @@ def _chain_items(nodes: list, start: int, stop: int):
         prev = out[-1] if out else None
         n = nodes[it[0][0]]
         if (prev is not None and prev[1] is not None and isinstance(n, AffineNode)
-                and it[2] != 1.0):
+                and it[2] != 1.0 and not nodes[prev[0][0]].transposed):
             op = prev[1]
             cout = op.weight.shape[0] if isinstance(op, Dense) else op.kernel.shape[0]
             s = _scale_vector(n, cout)
@@ -226,6 +233,166 @@ def _chain_items(nodes: list, start: int, stop: int):
     return out
 
 
+class _Bounder:
+    """Bounds a node list stage by stage (recursing into ParallelNodes)."""
+
+    def __init__(self, method: str, estimate_only: bool, progress):
+        self.method, self.estimate_only, self.progress = method, estimate_only, progress
+        self.verify = None
+        if estimate_only:
+            from certlib.verifiers.power import estimate as power_estimate
+
+            self.estimate = power_estimate
+        else:
+            self.verify = _verifier(method)
+        self.layers: list[LayerBound] = []
+
+    def op_bound(self, op, margin_const_err=None) -> tuple[float, str]:
+        """One linear operator's bound (or Estimate value) and how it was found."""
+        if self.estimate_only:
+            # 500 iterations on the true operator (as published code at evaluation),
+            # in float64 so the value itself carries no float32 rounding
+            est = self.estimate(op, n_iter=500, dtype=np.float64)
+            if not isinstance(est, Estimate):
+                raise UnsoundError("power.estimate must return an Estimate")
+            return float(est.value), "power-estimate (UNSOUND)"
+        target = _explicit_for(op, self.method)
+        b = self.verify(target)
+        if not isinstance(b, Bound):
+            raise UnsoundError(f"verifier {self.method} returned {type(b).__name__}, not a Bound")
+        how = b.method + (" (explicit matrix)" if target is not op else "")
+        value = b.value
+        if margin_const_err is not None:
+            value = up_add(value, _fold_rounding_margin(op, margin_const_err))
+            how += " (+fold rounding)"
+        return value, how
+
+    def chain(self, nodes: list, stop: int | None = None, prefix: str = "") -> tuple[float, list]:
+        """Upward-rounded product of the stage bounds of nodes[:stop], and the
+        per-node bounds for the forward-error recursion."""
+        stop = len(nodes) if stop is None else stop
+        node_bounds: list = [1.0] * len(nodes)
+        body = 1.0
+        for idx, op, factor, label in _chain_items(nodes, 0, stop):
+            t1 = time.perf_counter()
+            n0 = nodes[idx[0]]
+            name = prefix + (n0.name or f"node{idx[0]}")
+            if isinstance(n0, ParallelNode):
+                value, nb = self.parallel(n0, name + "/")
+                node_bounds[idx[0]] = nb
+                how, label = "composition (SOUNDNESS.md 3)", describe(n0)
+            elif op is None:
+                value, how = float(factor), "rule"
+            else:
+                folded = isinstance(factor, tuple)
+                value, how = self.op_bound(op, nodes[idx[1]].const_err if folded else None)
+            body = up_mul(body, value)
+            if not isinstance(n0, ParallelNode):
+                node_bounds[idx[0]] = value
+            if isinstance(factor, tuple):  # folded linear A then diag(s): ||A|| <= ||sA|| / min|s|
+                smin = float(np.min(np.abs(factor[1])))
+                node_bounds[idx[0]] = up(value / smin) if smin > 0 else math.inf
+                node_bounds[idx[1]] = up(nodes[idx[1]].lipschitz())
+            if op is not None or factor != 1.0 or n0.kind in ("activation", "parallel"):
+                self.layers.append(LayerBound(name, label, value, how, time.perf_counter() - t1,
+                                              not self.estimate_only))
+            if self.progress is not None:
+                self.progress(name)
+        return body, node_bounds
+
+    def parallel(self, node: ParallelNode, prefix: str) -> tuple[float, ParallelBound]:
+        """A merged block: fused into one linear operator when every branch is
+        linear (rule 2: x + Conv(x) is one conv), else composed by rule 3."""
+        fused = fuse_linear_branches(node)
+        if fused is not None:
+            op, terms = fused
+            if self.estimate_only:
+                value, _ = self.op_bound(op)
+            else:
+                value, how = self.op_bound(op)
+                value = up_add(value, _sum_rounding_margin(op, terms))
+            return value, ParallelBound(value, [[1.0] * len(b) for b in node.branches])
+        totals, inner = [], []
+        for k, br in enumerate(node.branches):
+            L, nb = self.chain(br, prefix=f"{prefix}{k}/")
+            totals.append(L)
+            inner.append(nb)
+        if node.merge == "add":  # sum of the branch bounds (|sign| = 1)
+            value = 0.0
+            for L in totals:
+                value = up_add(value, L)
+        else:  # concat / elementwise max / min: sqrt(sum L_b^2)
+            sq = 0.0
+            for L in totals:
+                sq = up_add(sq, up_mul(L, L))
+            value = up_sqrt(sq)
+        return value, ParallelBound(value, inner)
+
+
+def _identity_like(op, shape):
+    """The identity as an operator of op's kind and geometry, or None."""
+    if isinstance(op, Dense):
+        m, n = op.weight.shape
+        return Dense(np.eye(m)) if m == n else None
+    kh, kw = op.kernel.shape[2:]
+    pt, pl, pb, pr = op.padding
+    (dh, dw), cout = op.dilation, op.kernel.shape[0]
+    if op.stride != (1, 1) or op.output_shape != tuple(shape) or op.input_shape != tuple(shape):
+        return None
+    if pt % dh or pl % dw or pt // dh >= kh or pl // dw >= kw or op.kernel.shape[1] != cout // op.groups:
+        return None
+    k = np.zeros_like(op.kernel)
+    og = cout // op.groups
+    for o in range(cout):
+        k[o, o % og, pt // dh, pl // dw] = 1.0
+    return Conv2d(k, op.input_shape, op.stride, op.padding, op.dilation, op.groups)
+
+
+def fuse_linear_branches(node: ParallelNode):
+    """For an add-merge whose branches are each the identity or one linear
+    operator of the same kind and geometry: (the summed operator, number of
+    summands per entry); else None."""
+    if node.merge != "add":
+        return None
+    ops = []
+    for br in node.branches:
+        if len(br) > 1 or (br and not (isinstance(br[0], LinearNode) and not br[0].transposed)):
+            return None
+        ops.append(br[0].op if br else None)
+    ref = next((o for o in ops if o is not None), None)
+    if ref is None:
+        return None
+    terms = []
+    for o, s in zip(ops, node.signs):
+        if o is None:
+            o = _identity_like(ref, node.in_shape)
+            if o is None:
+                return None
+        if type(o) is not type(ref):
+            return None
+        if isinstance(o, Conv2d) and (o.kernel.shape != ref.kernel.shape or o.stride != ref.stride
+                                      or o.padding != ref.padding or o.dilation != ref.dilation
+                                      or o.groups != ref.groups or o.input_shape != ref.input_shape):
+            return None
+        if isinstance(o, Dense) and o.weight.shape != ref.weight.shape:
+            return None
+        terms.append(s * (o.weight if isinstance(o, Dense) else o.kernel))
+    total = np.sum(terms, axis=0)
+    fused = Dense(total) if isinstance(ref, Dense) else Conv2d(total, ref.input_shape, ref.stride, ref.padding,
+                                                              ref.dilation, ref.groups)
+    return fused, (np.sum([np.abs(t) for t in terms], axis=0), len(terms))
+
+
+def _sum_rounding_margin(op, terms: tuple) -> float:
+    """||E||_2 for E = fl(sum of k kernels) - exact sum: |E| <= gamma_{k-1} sum|K_b|
+    entrywise (numpy's sum, any order); a conv's norm is at most sqrt(taps)
+    times its kernel's Frobenius norm (proofs/residual_fusion.md)."""
+    abs_terms, k = terms
+    taps = 1 if isinstance(op, Dense) else op.kernel.shape[2] * op.kernel.shape[3]
+    fro = float(np.linalg.norm(abs_terms.ravel())) * (1 + gamma(abs_terms.size + 2))
+    return up(fro * math.sqrt(taps) * 1.0001 * gamma(max(k - 1, 1)) * (1 + 4 * U64))
+
+
 def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progress=None) -> Analysis:
     """Bound every stage of the body and compute the K_ij matrix.
 
@@ -234,52 +401,11 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
     unsound."""
     t0 = time.perf_counter()
     h = split_head(g)
-    verify = None
-    if estimate_only:
-        from certlib.verifiers.power import estimate as power_estimate
-    else:
-        verify = _verifier(method)
-    items = _chain_items(g.nodes, 0, h)
     if method == "sdp" and not estimate_only:
-        _sdp_preflight(g, items)
-    node_bounds = [1.0] * len(g.nodes)
-    layers: list[LayerBound] = []
-    body = 1.0
-    for idx, op, factor, label in items:
-        t1 = time.perf_counter()
-        name = g.nodes[idx[0]].name or f"node{idx[0]}"
-        if op is None:
-            value, how = float(factor), "rule"
-        elif estimate_only:
-            # 500 iterations on the true operator (as published code at evaluation),
-            # in float64 so the value itself carries no float32 rounding
-            est = power_estimate(op, n_iter=500, dtype=np.float64)
-            if not isinstance(est, Estimate):
-                raise UnsoundError("power.estimate must return an Estimate")
-            value, how = float(est.value), "power-estimate (UNSOUND)"
-        else:
-            target = _explicit_for(op, method)
-            small = target is not op
-            b = verify(target)
-            if not isinstance(b, Bound):
-                raise UnsoundError(f"verifier {method} returned {type(b).__name__}, not a Bound")
-            value, how = b.value, b.method + (" (explicit matrix)" if small else "")
-            if isinstance(factor, tuple):
-                value = up_add(value, _fold_rounding_margin(op, g.nodes[idx[1]].const_err))
-                how += " (+fold rounding)"
-        dt = time.perf_counter() - t1
-        body = up_mul(body, value)
-        # per-node bounds for the forward-error recursion (Graph.forward)
-        node_bounds[idx[0]] = value
-        if isinstance(factor, tuple):  # folded linear A then diag(s): ||A|| <= ||sA|| / min|s|
-            s = np.abs(factor[1])
-            smin = float(np.min(s))
-            node_bounds[idx[0]] = up(value / smin) if smin > 0 else math.inf
-            node_bounds[idx[1]] = up(g.nodes[idx[1]].lipschitz())
-        if op is not None or factor != 1.0 or g.nodes[idx[0]].kind == "activation":
-            layers.append(LayerBound(name, label, value, how, dt, not estimate_only))
-        if progress is not None:
-            progress(name)
+        _sdp_preflight(g, _chain_items(g.nodes, 0, h))
+    bounder = _Bounder(method, estimate_only, progress)
+    body, node_bounds = bounder.chain(g.nodes, h)
+    layers = bounder.layers
     # head: dense rows, then elementwise per-class affine maps folded in
     head = g.nodes[h]
     W = head.op.weight.copy()

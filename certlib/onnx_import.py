@@ -24,7 +24,8 @@ from onnx import numpy_helper
 
 from certlib.errors import Unsupported, UnsupportedModelError, UsageError
 from certlib.graph import Graph
-from certlib.onnx_ops import HANDLERS, Ctx, Skip, _dynamic_input, _find_minmax, _minmax
+from certlib.onnx_dag import walk
+from certlib.onnx_ops import HANDLERS, Ctx, Skip
 
 
 MAX_MODEL_BYTES = 2 * 1024 ** 3
@@ -82,6 +83,21 @@ def _input_shape(model: onnx.ModelProto, override: tuple | None) -> tuple[str, t
     return ins[0].name, tuple(int(d) for d in dims[1:])
 
 
+def _inferred_shapes(model: onnx.ModelProto) -> dict:
+    """Per-sample shapes from ONNX shape inference (used only to keep walking
+    after an unsupported node, so that every problem is reported)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) >= 1 and all(d.HasField("dim_value") for d in dims[1:]):
+            out[vi.name] = tuple(int(d.dim_value) for d in dims[1:])
+    return out
+
+
 def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
                  check_runtime: bool = True) -> Graph:
     """Convert a loaded ONNX model into the IR, or raise UnsupportedModelError
@@ -96,35 +112,19 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
     for n in nodes:
         for i in n.input:
             ctx.consumers.setdefault(i, []).append(n.name)
-    minmax = _find_minmax(nodes, ctx)
-    consumed = {i for v in minmax.values() for i in v[0]}
-    ctx.current, ctx.shape = in_name, shape
+    for n in nodes:  # constants the folder left as nodes
+        if n.op_type == "Constant" and not n.input:
+            try:
+                HANDLERS["Constant"](n, ctx)
+            except Skip as e:
+                ctx.fail(n, str(e))
     out_name = folded.graph.output[0].name
-    for idx, node in enumerate(nodes):
-        if idx in consumed:
-            continue
-        try:
-            if idx in minmax:
-                _minmax(node, ctx, minmax[idx][1], minmax[idx][2])
-            elif node.domain not in ("", "ai.onnx"):
-                raise Skip(f"custom domain {node.domain!r}")
-            elif node.op_type in ("Softmax", "LogSoftmax") and node.output[0] == out_name:
-                _dynamic_input(node, ctx)
-                ctx.current = node.output[0]  # dropped: argmax unchanged
-            elif node.op_type in HANDLERS:
-                HANDLERS[node.op_type](node, ctx)
-            else:
-                raise Skip("no handler: certlib cannot bound this operator yet")
-        except Skip as e:
-            ctx.fail(node, str(e))
-            # keep walking to report every problem; continue the chain past it
-            if node.output:
-                ctx.current = node.output[0]
+    ir_nodes = walk(ctx, nodes, in_name, shape, out_name, _inferred_shapes(folded))
     if not ctx.problems and ctx.current != out_name:
         ctx.problems.append(Unsupported(out_name, "-", opset, "the graph output is not the end of the chain"))
     if ctx.problems:
         raise UnsupportedModelError(ctx.problems)
-    g = Graph(in_name, shape, out_name, ctx.nodes)
+    g = Graph(in_name, shape, out_name, ir_nodes)
     out_shape = ctx.shape
     if len(out_shape) != 1:
         raise UnsupportedModelError(f"output must be a vector of logits per sample, got shape {out_shape}")

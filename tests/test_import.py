@@ -66,18 +66,3 @@ def test_dynamic_shape_needs_input_shape(tmp_path):
         load(p)
     _, g = load(p, input_shape=(2, 6, 6))
     assert g.input_shape == (2, 6, 6)
-
-
-def test_branching_graph_is_refused():
-    from onnx import helper
-
-    from onnx_builders import make_model
-
-    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flat"),
-             helper.make_node("Relu", ["f"], ["r"], name="relu"),
-             helper.make_node("Add", ["f", "r"], ["s"], name="residual"),
-             helper.make_node("Gemm", ["s", "W"], ["y"], name="head", transB=1)]
-    m = make_model(nodes, {"W": np.ones((3, 16))}, (1, 4, 4), 3)
-    with pytest.raises(UnsupportedModelError) as ei:
-        import_model(m)
-    assert any(it.name == "residual" for it in ei.value.items)

@@ -1,0 +1,110 @@
+"""Branching graphs: nonlinear residuals, linear residual fusion, concat, Sub,
+Split branches; and refusal of graphs that are not series-parallel."""
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from certlib.errors import UnsupportedModelError
+from certlib.graph import ParallelNode
+from certlib.lipschitz import analyze, conv_matrix, fuse_linear_branches
+from certlib.onnx_import import import_model
+from op_harness import check_model, head_model
+
+
+def _body(g):
+    return analyze(g, "exact").body.value
+
+
+def test_nonlinear_residual_is_one_plus_branch():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Add", ["x", "r"], ["s"], name="residual")]
+    m = head_model(nodes, {}, (1, 4, 4), "s", 16)
+    g, a, lower, upper = check_model(m)
+    assert isinstance(g.nodes[0], ParallelNode) and g.nodes[0].merge == "add"
+    assert a.body.value == pytest.approx(2.0)   # 1 (identity) + 1 (ReLU), rounded up
+    assert a.body.value >= 2.0
+
+
+def test_linear_residual_is_fused_into_one_conv():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(2, 2, 3, 3)) * 0.3
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["x", "c"], ["s"], name="residual"),
+             helper.make_node("Relu", ["s"], ["r"], name="relu")]
+    m = head_model(nodes, {"w": w}, (2, 5, 5), "r", 50)
+    g, a, lower, upper = check_model(m)
+    op, _ = fuse_linear_branches(g.nodes[0])
+    true_fused = np.linalg.svd(conv_matrix(op), compute_uv=False)[0]
+    conv_alone = np.linalg.svd(conv_matrix(g.nodes[0].branches[1][0].op), compute_uv=False)[0]
+    assert a.body.value >= true_fused
+    assert a.body.value <= true_fused * (1 + 1e-9)   # exact up to rounding margins
+    assert a.body.value < 1 + conv_alone              # fusion is tighter than 1 + ||K||
+
+
+def test_concat_of_branches_is_root_sum_of_squares():
+    nodes = [helper.make_node("Mul", ["x", "three"], ["a"], name="times3"),
+             helper.make_node("Relu", ["x"], ["b"], name="relu"),
+             helper.make_node("Mul", ["b", "four"], ["b4"], name="times4"),
+             helper.make_node("Concat", ["a", "b4"], ["c"], name="cat", axis=1)]
+    m = head_model(nodes, {"three": np.array(3.0), "four": np.array(4.0)}, (1, 3, 3), "c", 18)
+    g, a, lower, upper = check_model(m)
+    assert a.body.value == pytest.approx(5.0) and a.body.value >= 5.0
+
+
+def test_sub_of_branches_and_split_branches():
+    nodes = [helper.make_node("Split", ["x"], ["p", "q"], name="split", axis=1, num_outputs=2),
+             helper.make_node("Relu", ["p"], ["rp"], name="relu_p"),
+             helper.make_node("Sub", ["rp", "q"], ["d"], name="diff")]
+    m = head_model(nodes, {}, (4, 2, 2), "d", 8)
+    g, a, lower, upper = check_model(m)
+    # each branch is a slice (<= 1), the Sub sums them
+    assert a.body.value == pytest.approx(2.0)
+
+
+def test_nested_blocks():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu1"),
+             helper.make_node("Relu", ["r"], ["r2"], name="relu2"),
+             helper.make_node("Add", ["r", "r2"], ["s1"], name="inner"),
+             helper.make_node("Add", ["x", "s1"], ["s2"], name="outer")]
+    m = head_model(nodes, {}, (1, 3, 3), "s2", 9)
+    g, a, _, _ = check_model(m)
+    assert a.body.value == pytest.approx(3.0)   # 1 + (1 * (1 + 1))
+
+
+def test_not_series_parallel_is_refused_with_the_merge_named():
+    nodes = [helper.make_node("Relu", ["x"], ["p"], name="p"),
+             helper.make_node("Relu", ["x"], ["q"], name="q"),
+             helper.make_node("Add", ["p", "q"], ["s1"], name="s1"),
+             helper.make_node("Relu", ["p"], ["r"], name="r"),
+             helper.make_node("Add", ["s1", "r"], ["s2"], name="s2")]
+    m = head_model(nodes, {}, (1, 3, 3), "s2", 9)
+    with pytest.raises(UnsupportedModelError, match="series-parallel"):
+        import_model(m)
+
+
+def test_product_of_branches_is_refused():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["x", "r"], ["s"], name="square")]
+    m = head_model(nodes, {}, (1, 3, 3), "s", 9)
+    with pytest.raises(UnsupportedModelError) as ei:
+        import_model(m)
+    assert any(it.name == "square" for it in ei.value.items)
+
+
+def test_proof_refuses_branching_models_clearly(tmp_path):
+    import onnx
+
+    from certlib.certificate import build_certificate
+    from certlib.errors import UsageError
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Add", ["x", "r"], ["s"], name="residual")]
+    p = tmp_path / "res.onnx"
+    onnx.save(head_model(nodes, {}, (1, 4, 4), "s", 16), p)
+
+    class Rep:  # only .sound/.result are read before the refusal
+        sound, result = True, object()
+
+    with pytest.raises(UsageError, match="residual"):
+        build_certificate(p, Rep(), None, "digits")
