@@ -47,6 +47,9 @@ def _find_minmax_patterns(nodes, ctx) -> dict:
 #: pattern finders: f(nodes, ctx) -> {start index: (consumed indices, emit)}
 PATTERNS = [_find_minmax_patterns]
 
+# handler modules register themselves into HANDLERS / PATTERNS on import
+from certlib import onnx_ops_nonlinear, onnx_ops_shape  # noqa: E402,F401
+
 
 @dataclass
 class _Branch:
