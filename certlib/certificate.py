@@ -164,7 +164,9 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     layers = iter(a.layers)
     ops = []
-    for k, (idx, op, factor, label) in enumerate(_chain_items(g.nodes, 0, a.head_index)):
+    if a.fold_inputs:
+        raise UsageError("--proof needs the analysis without input folding (verify_file(..., fold_inputs=False))")
+    for k, (idx, op, factor, label) in enumerate(_chain_items(g.nodes, 0, a.head_index, fold_inputs=False)):
         nodes = [g.nodes[i] for i in idx]
         if op is not None or factor != 1.0 or nodes[0].kind == "activation":
             lb = next(layers)

@@ -106,7 +106,9 @@ def verify(
             p.update(task, description=f"{stage}: {what}")
 
         rep = verify_file(model, ds, e, m, input_shape=_shape(input_shape), batch_size=batch_size,
-                          estimate_only=estimate_only, progress=prog)
+                          estimate_only=estimate_only, progress=prog,
+                          # certificates bound input normalisation on its own (as the checker does)
+                          fold_inputs=proof is None)
     print_report(rep, err_console)
     if json_out:
         write_json(rep, json_out)

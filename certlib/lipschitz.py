@@ -147,6 +147,7 @@ class Analysis:
     sound: bool = True
     seconds: float = 0.0
     head_index: int = -1
+    fold_inputs: bool = True
 
 
 def split_head(g: Graph) -> int:
@@ -187,9 +188,13 @@ def _scale_vector(a: AffineNode, axis_len: int):
     return None
 
 
-def _chain_items(nodes: list, start: int, stop: int):
+def _chain_items(nodes: list, start: int, stop: int, fold_inputs: bool = True):
     """Fold trivial and per-channel affine maps into neighbouring linear ops.
-    Yields (node_indices, op_or_None, factor, label) items."""
+    Returns (node_indices, op_or_None, factor, label) items; a folded item's
+    factor is ("folded", s, index of the affine node).  A per-channel scale
+    AFTER a linear op scales its output rows; with ``fold_inputs`` one directly
+    BEFORE a linear op (input normalisation (x - mean) / std) scales its input
+    columns, so the pair is bounded exactly instead of by max|1/std| * ||K||."""
     items = []
     i = start
     while i < stop:
@@ -227,7 +232,35 @@ def _chain_items(nodes: list, start: int, stop: int):
                 else:
                     new = Conv2d(op.kernel * s[:, None, None, None], op.input_shape, op.stride,
                                  op.padding, op.dilation, op.groups)
-                out[-1] = (prev[0] + it[0], new, ("folded", s), prev[3] + " + affine (folded)")
+                out[-1] = (prev[0] + it[0], new, ("folded", s, it[0][0]), prev[3] + " + affine (folded)")
+                continue
+        out.append(it)
+    return _fold_inputs(nodes, out) if fold_inputs else out
+
+
+def _fold_inputs(nodes: list, items: list) -> list:
+    """Fold a per-channel affine item into the linear item right after it
+    (its input columns: K diag(s); zero padding commutes with a per-channel
+    scale, so the pair's linear part is exactly the scaled operator)."""
+    out = []
+    for it in items:
+        prev = out[-1] if out else None
+        n = nodes[it[0][0]]
+        if (prev is not None and it[1] is not None and not isinstance(it[2], tuple)
+                and isinstance(n, LinearNode) and not n.transposed and prev[1] is None
+                and isinstance(nodes[prev[0][0]], AffineNode) and prev[2] != 1.0 and len(prev[0]) == 1):
+            a, op = nodes[prev[0][0]], it[1]
+            cin = op.weight.shape[1] if isinstance(op, Dense) else op.input_shape[0]
+            s = _scale_vector(a, cin)
+            if s is not None and len(a.in_shape) == (1 if isinstance(op, Dense) else 3):
+                if isinstance(op, Dense):
+                    new = Dense(op.weight * s[None, :])
+                else:
+                    cg, og = op.kernel.shape[1], op.kernel.shape[0] // op.groups
+                    cols = np.array([[s[(o // og) * cg + c] for c in range(cg)] for o in range(op.kernel.shape[0])])
+                    new = Conv2d(op.kernel * cols[:, :, None, None], op.input_shape, op.stride, op.padding,
+                                 op.dilation, op.groups)
+                out[-1] = (prev[0] + it[0], new, ("folded", s, prev[0][0]), "affine (folded) + " + it[3])
                 continue
         out.append(it)
     return out
@@ -236,8 +269,9 @@ def _chain_items(nodes: list, start: int, stop: int):
 class _Bounder:
     """Bounds a node list stage by stage (recursing into ParallelNodes)."""
 
-    def __init__(self, method: str, estimate_only: bool, progress):
+    def __init__(self, method: str, estimate_only: bool, progress, fold_inputs: bool = True):
         self.method, self.estimate_only, self.progress = method, estimate_only, progress
+        self.fold_inputs = fold_inputs
         self.verify = None
         if estimate_only:
             from certlib.verifiers.power import estimate as power_estimate
@@ -273,7 +307,7 @@ class _Bounder:
         stop = len(nodes) if stop is None else stop
         node_bounds: list = [1.0] * len(nodes)
         body = 1.0
-        for idx, op, factor, label in _chain_items(nodes, 0, stop):
+        for idx, op, factor, label in _chain_items(nodes, 0, stop, self.fold_inputs):
             t1 = time.perf_counter()
             n0 = nodes[idx[0]]
             name = prefix + (n0.name or f"node{idx[0]}")
@@ -285,14 +319,15 @@ class _Bounder:
                 value, how = float(factor), "rule"
             else:
                 folded = isinstance(factor, tuple)
-                value, how = self.op_bound(op, nodes[idx[1]].const_err if folded else None)
+                value, how = self.op_bound(op, nodes[factor[2]].const_err if folded else None)
             body = up_mul(body, value)
             if not isinstance(n0, ParallelNode):
                 node_bounds[idx[0]] = value
-            if isinstance(factor, tuple):  # folded linear A then diag(s): ||A|| <= ||sA|| / min|s|
+            if isinstance(factor, tuple):  # linear A folded with diag(s): ||A|| <= ||sA|| / min|s|
                 smin = float(np.min(np.abs(factor[1])))
-                node_bounds[idx[0]] = up(value / smin) if smin > 0 else math.inf
-                node_bounds[idx[1]] = up(nodes[idx[1]].lipschitz())
+                lin = idx[1] if factor[2] == idx[0] else idx[0]
+                node_bounds[lin] = up(value / smin) if smin > 0 else math.inf
+                node_bounds[factor[2]] = up(nodes[factor[2]].lipschitz())
             if op is not None or factor != 1.0 or n0.kind in ("activation", "parallel"):
                 self.layers.append(LayerBound(name, label, value, how, time.perf_counter() - t1,
                                               not self.estimate_only))
@@ -393,8 +428,11 @@ def _sum_rounding_margin(op, terms: tuple) -> float:
     return up(fro * math.sqrt(taps) * 1.0001 * gamma(max(k - 1, 1)) * (1 + 4 * U64))
 
 
-def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progress=None) -> Analysis:
-    """Bound every stage of the body and compute the K_ij matrix.
+def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progress=None,
+            fold_inputs: bool = True) -> Analysis:
+    """Bound every stage of the body and compute the K_ij matrix.  ``fold_inputs``
+    folds a per-channel scale before a linear op into it (tighter; certificates
+    need False: the checker bounds such a scale on its own).
 
     With ``estimate_only`` the per-operator numbers are raw power-iteration
     Estimates (what published code certifies with) and the result is marked
@@ -402,8 +440,8 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
     t0 = time.perf_counter()
     h = split_head(g)
     if method == "sdp" and not estimate_only:
-        _sdp_preflight(g, _chain_items(g.nodes, 0, h))
-    bounder = _Bounder(method, estimate_only, progress)
+        _sdp_preflight(g, _chain_items(g.nodes, 0, h, fold_inputs))
+    bounder = _Bounder(method, estimate_only, progress, fold_inputs)
     body, node_bounds = bounder.chain(g.nodes, h)
     layers = bounder.layers
     # head: dense rows, then elementwise per-class affine maps folded in
@@ -428,7 +466,7 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
     # the forward-error recursion needs a bound for the head as well: ||W||_2 <= ||W||_F
     node_bounds[h] = up(float(np.linalg.norm(W)) * (1 + gamma(W.size + 2)) * (1 + rounding + U64))
     return Analysis(body_val, W, rounding, K, layers, node_bounds, method if not estimate_only else "power",
-                    not estimate_only, time.perf_counter() - t0, h)
+                    not estimate_only, time.perf_counter() - t0, h, fold_inputs)
 
 
 def pair_constants(W: np.ndarray, L: float, rounding: float = 0.0) -> np.ndarray:

@@ -82,7 +82,7 @@ def predict(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progres
 
 def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
                  model_name: str = "", sha256: str = "", batch_size: int = 256,
-                 estimate_only: bool = False, progress=None) -> VerifyReport:
+                 estimate_only: bool = False, progress=None, fold_inputs: bool = True) -> VerifyReport:
     if tuple(data.x.shape[1:]) != tuple(g.input_shape):
         from certlib.errors import UsageError
         raise UsageError(f"data samples have shape {tuple(data.x.shape[1:])} but the model expects "
@@ -93,7 +93,7 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
     seconds = {}
     t = time.perf_counter()
     a = analyze(g, method=method, estimate_only=estimate_only,
-                progress=(lambda name: progress("bounds", name)) if progress else None)
+                progress=(lambda name: progress("bounds", name)) if progress else None, fold_inputs=fold_inputs)
     seconds["bounds"] = time.perf_counter() - t
     t = time.perf_counter()
     logits, err = predict(g, data.x, a.node_bounds, batch_size,
@@ -114,13 +114,16 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
 
 def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exact", *,
                 input_shape=None, batch_size: int = 256, estimate_only: bool = False,
-                progress=None) -> VerifyReport:
+                progress=None, fold_inputs: bool = True) -> VerifyReport:
+    """Import and certify an ONNX file.  ``fold_inputs=False`` bounds input
+    normalisation on its own, as certificates (``--proof``) require."""
     from certlib.onnx_import import load
 
     t = time.perf_counter()
     _, g = load(path, input_shape)
     t_import = time.perf_counter() - t
     rep = verify_graph(g, data, eps, method, model_name=str(path), sha256=file_sha256(path),
-                       batch_size=batch_size, estimate_only=estimate_only, progress=progress)
+                       batch_size=batch_size, estimate_only=estimate_only, progress=progress,
+                       fold_inputs=fold_inputs)
     rep.seconds = {"import": t_import, **rep.seconds}
     return rep

@@ -108,3 +108,24 @@ def test_proof_refuses_branching_models_clearly(tmp_path):
 
     with pytest.raises(UsageError, match="residual"):
         build_certificate(p, Rep(), None, "digits")
+
+
+def test_input_normalisation_is_folded_into_the_first_conv():
+    """(x - mean) / std then a conv is bounded as ||K diag(1/std)||, not
+    max(1/std) * ||K|| (SOUNDNESS.md rule 3); --proof keeps them separate."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(3, 2, 3, 3))
+    std = np.array([0.1, 1.0]).reshape(1, 2, 1, 1)
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["a"], name="sub"),
+             helper.make_node("Div", ["a", "std"], ["b"], name="div"),
+             helper.make_node("Conv", ["b", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    m = head_model(nodes, {"mean": np.full((1, 2, 1, 1), 0.5), "std": std, "w": w}, (2, 4, 4), "c", 48)
+    g, a, lower, upper = check_model(m)
+    conv = next(n for n in g.nodes if n.kind == "linear").op
+    scaled = conv_matrix(conv) / np.repeat(np.asarray(std, dtype=np.float32).reshape(-1).astype(np.float64), 16)[None, :]
+    exact = np.linalg.svd(scaled, compute_uv=False)[0]
+    assert exact <= a.body.value <= exact * (1 + 1e-9)
+    separate = analyze(g, "exact", fold_inputs=False).body.value
+    inv = 1.0 / float(np.float32(0.1))
+    assert separate >= inv * np.linalg.svd(conv_matrix(conv), compute_uv=False)[0] * (1 - 1e-12)
+    assert a.body.value < separate
