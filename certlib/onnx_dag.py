@@ -25,7 +25,7 @@ import onnx
 
 from certlib.errors import Unsupported
 from certlib.graph import IndexNode, ParallelNode
-from certlib.onnx_ops import HANDLERS, Ctx, Skip, _attrs, _dynamic_input, _find_minmax, _minmax
+from certlib.onnx_ops import HANDLERS, Ctx, Skip, _attrs, _dynamic_input, _find_minmax, _minmax, check_opset
 
 MERGE_OPS = ("Add", "Sub", "Sum", "Concat", "Max", "Min")
 
@@ -96,6 +96,7 @@ class Walker:
                 _dynamic_input(node, ctx)
                 ctx.current = node.output[0]  # dropped: argmax unchanged
             elif node.op_type in HANDLERS:
+                check_opset(node, ctx)
                 HANDLERS[node.op_type](node, ctx)
             else:
                 raise Skip("no handler: certlib cannot bound this operator yet")

@@ -45,14 +45,64 @@ class Skip(Exception):
 
 Handler = Callable[[onnx.NodeProto, Ctx], None]
 HANDLERS: dict[str, Handler] = {}
+#: op -> (first model opset, newest schema version) the handler covers
+OPSETS: dict[str, tuple[int, int]] = {}
+#: the opset the handlers were written against: an op whose schema changed
+#: after it (onnx.defs) is refused until a handler is checked against the change
+HANDLED_OPSET = 22
 
 
-def handler(*ops: str):
+def handler(*ops: str, first_opset: int = 7):
+    """Register a handler for ``ops`` for model opsets >= ``first_opset`` and
+    every schema version up to the one in force at HANDLED_OPSET."""
     def deco(fn: Handler) -> Handler:
         for op in ops:
             HANDLERS[op] = fn
+            OPSETS[op] = (first_opset, schema_version(op, HANDLED_OPSET) or 0)
         return fn
     return deco
+
+
+def schema_version(op: str, opset: int, domain: str = "") -> int | None:
+    """The since_version of ``op``'s schema in force at ``opset`` (onnx.defs),
+    or None when the op does not exist there."""
+    try:
+        return int(onnx.defs.get_schema(op, opset, domain).since_version)
+    except Exception:
+        return None
+
+
+def same_interface(op: str, old: int, new: int) -> bool:
+    """True when schema versions ``old`` and ``new`` of op have the same
+    attributes (name, type, default), inputs and outputs (name, arity) and
+    differ only in their allowed element types (as versions 21-25 of the
+    data-movement ops do): float models then mean the same thing."""
+    try:
+        a, b = onnx.defs.get_schema(op, old), onnx.defs.get_schema(op, new)
+    except Exception:
+        return False
+
+    def iface(sc):
+        attrs = sorted((k, int(v.type), v.default_value.SerializeToString()) for k, v in sc.attributes.items())
+        io = [(p.name, int(p.option)) for p in list(sc.inputs)] + [("->",)] + \
+             [(p.name, int(p.option)) for p in list(sc.outputs)]
+        return attrs, io, sc.min_input, sc.max_input, sc.min_output, sc.max_output
+
+    return iface(a) == iface(b)
+
+
+def check_opset(node, ctx: "Ctx") -> None:
+    """Raise Skip unless the node's op exists at the model's opset and its
+    handler covers the schema version in force there."""
+    v = schema_version(node.op_type, ctx.opset)
+    if v is None:
+        raise Skip(f"{node.op_type} is not an ONNX operator at opset {ctx.opset}")
+    first, newest = OPSETS.get(node.op_type, (1, v))
+    if ctx.opset < first:
+        raise Skip(f"handled for opsets >= {first}; the model uses opset {ctx.opset}")
+    if v > newest and not same_interface(node.op_type, newest, v):
+        raise Skip(f"{node.op_type} version {v} (opset {ctx.opset}) is newer than the versions certlib "
+                   f"handles (<= {newest}); re-export with opset <= {HANDLED_OPSET}")
 
 
 def _attrs(node) -> dict:
@@ -63,10 +113,10 @@ def _dynamic_input(node, ctx: Ctx, allow_const_inputs: int = 0) -> list:
     """Check that node reads the current chain tensor; return its const inputs."""
     dyn = [i for i in node.input if i and i not in ctx.consts]
     if len(dyn) != 1:
-        raise Skip("reads several non-constant tensors (branching/residual graphs are not supported yet)"
+        raise Skip("reads several non-constant tensors"
                    if len(dyn) > 1 else "has no non-constant input")
     if dyn[0] != ctx.current:
-        raise Skip("is not on the main chain (branching graphs are not supported yet)")
+        raise Skip("does not read the tensor being walked (internal error: please report)")
     return [ctx.consts[i] if i in ctx.consts else None for i in node.input]
 
 

@@ -66,3 +66,19 @@ def test_dynamic_shape_needs_input_shape(tmp_path):
         load(p)
     _, g = load(p, input_shape=(2, 6, 6))
     assert g.input_shape == (2, 6, 6)
+
+
+def test_opset_versions_are_resolved_with_onnx_defs():
+    from onnx import helper
+
+    from certlib.onnx_ops import Ctx, Skip, check_opset, same_interface, schema_version
+
+    # Split gained num_outputs at version 18: a different interface
+    assert schema_version("Split", 18) == 18 and not same_interface("Split", 13, 18)
+    # Flatten 21 -> 25 only added element types: accepted at opset 25
+    assert same_interface("Flatten", 21, 25)
+    check_opset(helper.make_node("Flatten", ["a"], ["b"]), Ctx(None, 25))
+    with pytest.raises(Skip, match="not an ONNX operator at opset 12"):
+        check_opset(helper.make_node("Gelu", ["a"], ["b"]), Ctx(None, 12))
+    with pytest.raises(Skip, match="opsets >= 7"):
+        check_opset(helper.make_node("Relu", ["a"], ["b"]), Ctx(None, 6))
