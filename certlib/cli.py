@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 
 from certlib import __version__
@@ -349,7 +350,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except CertlibError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print("[bold red]error:[/]", escape(str(e)), highlight=False)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -364,8 +365,8 @@ def main() -> None:
             sys.exit(code)
         if os.environ.get("CERTLIB_DEBUG"):
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
-                          "(set CERTLIB_DEBUG=1 for a traceback; please report this)", highlight=False)
+        err_console.print("[bold red]internal error:[/]", escape(f"{type(e).__name__}: {e}"),
+                          "\n(set CERTLIB_DEBUG=1 for a traceback; please report this)", highlight=False)
         sys.exit(1)
 
 

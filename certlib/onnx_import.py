@@ -2,16 +2,13 @@
 
 Steps: load and check the protobuf; fold constant subgraphs with onnxscript's
 optimizer (weight parametrisations left in the graph become constants); walk
-the nodes in order through a registry of small per-op handlers; collect EVERY
-unsupported node before failing (one error lists them all); finally check the
-IR's float64 forward pass against onnxruntime on random inputs.
-
-Supported here (the chain models that LiResNet and plain networks export):
-Conv, Gemm, MatMul (by a constant), Add/Sub/Mul/Div by constants,
-BatchNormalization, Relu, Flatten, Reshape, Identity, Dropout, the MinMax
-pattern Split(axis=1) + Max + Min + Concat(axis=1), and Softmax/LogSoftmax as
-the final node (dropped: argmax and certification of the logits' argmax are
-unchanged).  Branching graphs are refused for now.
+the graph from its input (:mod:`certlib.onnx_dag`: chains, forks and merges
+become the series-parallel IR) through a registry of small per-op handlers
+(:mod:`certlib.onnx_ops`, :mod:`certlib.onnx_ops_nonlinear`,
+:mod:`certlib.onnx_ops_shape`); collect EVERY unsupported node before failing
+(one error lists them all); finally check the IR's float64 forward pass against
+onnxruntime on random inputs.  The supported operators and their Lipschitz
+rules are listed in docs/ops.md.
 """
 
 from __future__ import annotations
@@ -22,33 +19,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from certlib.errors import Unsupported, UnsupportedModelError, UsageError
+from certlib.errors import Unsupported, UnsupportedModelError
 from certlib.graph import Graph
 from certlib.onnx_dag import walk
+from certlib.onnx_load import MAX_MODEL_BYTES, check_tensors, input_signature, read_model  # noqa: F401
 from certlib.onnx_ops import HANDLERS, Ctx, Skip
 
 
-MAX_MODEL_BYTES = 2 * 1024 ** 3
-
-
 # ------------------------------------------------------------------- load
-def read_model(path: str | Path) -> onnx.ModelProto:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"model file not found: {path}")
-    if p.stat().st_size > MAX_MODEL_BYTES:
-        raise UsageError(f"{path}: larger than {MAX_MODEL_BYTES} bytes")
-    try:
-        model = onnx.load(str(p))
-    except Exception as e:
-        raise UsageError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise UsageError(f"{path}: the ONNX checker rejects this model: {e}") from None
-    return model
-
-
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding only (onnxscript's folder; no rewrite rules, so node
     names and operator forms stay as exported)."""
@@ -62,25 +40,6 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
         return ir.serde.serialize_model(m)
     except Exception as e:  # folding failed: refuse rather than guess
         raise UnsupportedModelError(f"constant folding failed: {type(e).__name__}: {e}") from None
-
-
-def _input_shape(model: onnx.ModelProto, override: tuple | None) -> tuple[str, tuple]:
-    inits = {i.name for i in model.graph.initializer}
-    ins = [i for i in model.graph.input if i.name not in inits]
-    if len(ins) != 1:
-        raise UsageError(f"model must have exactly one input, has {len(ins)}: {[i.name for i in ins]}")
-    if len(model.graph.output) != 1:
-        raise UsageError(f"model must have exactly one output, has {len(model.graph.output)}")
-    t = ins[0].type.tensor_type
-    if t.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-        raise UsageError("model input must be float32 or float64")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    if override is not None:
-        return ins[0].name, tuple(int(v) for v in override)
-    if len(dims) < 2 or any(d is None or d <= 0 for d in dims[1:]):
-        raise UsageError(f"input {ins[0].name!r} has dynamic or missing per-sample dimensions {dims}; "
-                         "pass --input-shape C,H,W")
-    return ins[0].name, tuple(int(d) for d in dims[1:])
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict:
@@ -102,7 +61,8 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
                  check_runtime: bool = True) -> Graph:
     """Convert a loaded ONNX model into the IR, or raise UnsupportedModelError
     listing every unsupported node."""
-    in_name, shape = _input_shape(model, input_shape)
+    check_tensors(model)  # in-memory models skip read_model: refuse absurd / inconsistent tensors here too
+    in_name, shape = input_signature(model, input_shape)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     folded = _fold(model)
     ctx = Ctx(folded, opset)
@@ -129,6 +89,8 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
     if len(out_shape) != 1:
         raise UnsupportedModelError(f"output must be a vector of logits per sample, got shape {out_shape}")
     g.num_classes = out_shape[0]
+    if g.num_classes < 2:
+        raise UnsupportedModelError(f"the model has {g.num_classes} output logits; certification needs >= 2 classes")
     if check_runtime:
         check_against_runtime(model, g)
     return g

@@ -155,6 +155,8 @@ def _conv(node, ctx: Ctx) -> None:
     _, h, wd = ctx.shape
     if auto_pad in ("NOTSET", "VALID"):
         pads = tuple(a.get("pads", (0, 0, 0, 0))) if auto_pad == "NOTSET" else (0, 0, 0, 0)
+        if len(pads) != 4:
+            raise Skip(f"pads {list(pads)} must have 4 entries for a 2-D convolution")
         pads = (pads[0], pads[1], pads[2], pads[3])
     elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0, 0, 0, 0]
@@ -179,11 +181,15 @@ def _conv(node, ctx: Ctx) -> None:
 def _dense(node, ctx: Ctx, weight: np.ndarray, bias) -> None:
     if len(ctx.shape) != 1:
         raise Skip(f"dense layer on a non-flat tensor of shape {ctx.shape} (flatten first)")
+    if weight.ndim != 2 or 0 in weight.shape:
+        raise Skip(f"weight of shape {weight.shape} is not a non-empty matrix")
     if weight.shape[1] != ctx.shape[0]:
         raise Skip(f"weight {weight.shape} does not match input size {ctx.shape[0]}")
     if bias is not None:
-        bias = np.broadcast_to(bias.reshape(-1) if bias.size == weight.shape[0] else bias,
-                               (weight.shape[0],)).astype(np.float64)
+        if bias.size not in (1, weight.shape[0]) or (bias.ndim > 1 and bias.size != 1
+                                                    and max(bias.shape) != bias.size):
+            raise Skip(f"bias of shape {bias.shape} does not broadcast to {weight.shape[0]} outputs")
+        bias = np.broadcast_to(bias.reshape(-1), (weight.shape[0],)).astype(np.float64)
     op = Dense(weight)
     _emit(ctx, node, LinearNode(node.name, node.op_type, ctx.shape, op.output_shape, op=op, bias=bias),
           op.output_shape)
@@ -261,6 +267,10 @@ def _bn(node, ctx: Ctx) -> None:
     if any(x is None for x in c[1:5]):
         raise Skip("BatchNormalization needs constant scale, bias, mean and variance")
     gamma_, beta, mean, var = (_finite(x, node, n) for x, n in zip(c[1:5], ("scale", "B", "mean", "var")))
+    channels = ctx.shape[0] if ctx.shape else 0
+    for arr, nm in ((gamma_, "scale"), (beta, "B"), (mean, "mean"), (var, "var")):
+        if arr.shape != (channels,):
+            raise Skip(f"{nm} has shape {arr.shape}, expected ({channels},) for input shape {ctx.shape}")
     eps = float(_attrs(node).get("epsilon", 1e-5))
     if np.any(var + eps <= 0):
         raise Skip("non-positive variance + epsilon")
