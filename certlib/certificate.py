@@ -141,8 +141,8 @@ def _require_certifiable(g) -> None:
             bad.append(f"{n.name} ({n.onnx_op})")
         elif isinstance(n, ActivationNode) and n.activation not in CHECKED_ACTIVATIONS:
             bad.append(f"{n.name} ({n.activation})")
-        elif isinstance(n, LinearNode) and n.transposed:
-            bad.append(f"{n.name} (ConvTranspose)")
+        elif isinstance(n, LinearNode) and (n.transposed or n.onnx_op not in ("Conv", "Gemm", "MatMul")):
+            bad.append(f"{n.name} ({n.onnx_op})")
     if bad:
         raise UsageError("--proof: the independent checker does not cover these nodes yet: " + ", ".join(bad)
                          + ". Run `certlib verify` without --proof (the certification itself is sound).")

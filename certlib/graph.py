@@ -54,11 +54,15 @@ def _zero(h: torch.Tensor, track: bool):
     return torch.zeros(h.shape[0], dtype=h.dtype) if track else None
 
 
-def _norms(t: torch.Tensor) -> torch.Tensor:
-    """Per-sample l2 norms, inflated to upper-bound their rounding."""
+def _norms(t: torch.Tensor, terms: int = 2) -> torch.Tensor:
+    """Per-sample l2 norms of a relative-error magnitude, inflated to
+    upper-bound their own rounding, plus an absolute allowance for underflow:
+    each of the <= ``terms`` roundings per entry may lose up to 2^-1074 in the
+    subnormal range (which the relative error models do not cover)."""
     flat = t.reshape(t.shape[0], -1)
     n = flat.shape[1]
-    return torch.linalg.vector_norm(flat, dim=1) * (1 + gamma(n + 2))
+    tiny = math.ldexp((math.isqrt(n) + 1) * (terms + 1), -1073)  # exact: an integer times 2^-1073
+    return torch.linalg.vector_norm(flat, dim=1) * (1 + gamma(n + 2)) + tiny
 
 
 @dataclass
@@ -110,7 +114,7 @@ class LinearNode(Node):
         # from non-negative terms, so divide by (1 - gamma_n).
         g = gamma(self.terms())
         mag = _linear(self, h.abs(), None if b is None else b.abs(), absolute=True)
-        return out, _norms(mag * (g / (1 - g)) * (1 + g))
+        return out, _norms(mag * (g / (1 - g)) * (1 + g), 2 * self.terms())
 
 
 @dataclass
