@@ -245,6 +245,9 @@ class Graph:
     output_name: str
     nodes: list = field(default_factory=list)
     num_classes: int = 0
+    #: "Softmax" / "LogSoftmax" when the model's final normalisation was
+    #: dropped (the IR computes the logits before it; argmax is unchanged)
+    dropped_output: str = ""
 
     def linear_nodes(self) -> list:
         return [n for n in self.nodes if isinstance(n, LinearNode)]

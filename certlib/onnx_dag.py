@@ -94,7 +94,12 @@ class Walker:
                 raise Skip(f"custom domain {node.domain!r}")
             elif node.op_type in ("Softmax", "LogSoftmax") and node.output[0] == self.out_name:
                 _dynamic_input(node, ctx)
+                axis = int(_attrs(node).get("axis", 1 if ctx.opset < 13 else -1))
+                if len(ctx.shape) != 1 or axis not in (1, -1):
+                    raise Skip(f"final {node.op_type} must act on a vector of logits (shape {ctx.shape}, "
+                               f"axis {axis})")
                 ctx.current = node.output[0]  # dropped: argmax unchanged
+                ctx.dropped = node.op_type
             elif node.op_type in HANDLERS:
                 check_opset(node, ctx)
                 HANDLERS[node.op_type](node, ctx)

@@ -31,6 +31,8 @@ class Ctx:
     nodes: list = field(default_factory=list)
     problems: list = field(default_factory=list)
     consumers: dict = field(default_factory=dict)
+    #: a final Softmax/LogSoftmax that was dropped (argmax unchanged)
+    dropped: str = ""
 
     def const(self, name: str):
         return self.consts.get(name)
