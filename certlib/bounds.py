@@ -29,8 +29,12 @@ def up(x: float) -> float:
 
 
 def up_mul(a: float, b: float) -> float:
-    """An upper bound on the exact product a*b of non-negative doubles."""
-    return up(float(a) * float(b))
+    """An upper bound on the exact product a*b of non-negative doubles
+    (exact, without a step up, when one factor is 1)."""
+    a, b = float(a), float(b)
+    if a == 1.0 or b == 1.0:
+        return a * b
+    return up(a * b)
 
 
 def up_add(a: float, b: float) -> float:

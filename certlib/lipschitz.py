@@ -347,6 +347,10 @@ class _Bounder:
                 value, how = self.op_bound(op)
                 value = up_add(value, _sum_rounding_margin(op, terms))
             return value, ParallelBound(value, [[1.0] * len(b) for b in node.branches])
+        m = selection_multiplicity(node)
+        if m is not None:  # concat of entry selections: sqrt(max copies of one entry)
+            value = float(math.isqrt(m)) if math.isqrt(m) ** 2 == m else up_sqrt(m)
+            return value, ParallelBound(value, [[1.0] * len(b) for b in node.branches])
         totals, inner = [], []
         for k, br in enumerate(node.branches):
             L, nb = self.chain(br, prefix=f"{prefix}{k}/")
@@ -362,6 +366,30 @@ class _Bounder:
                 sq = up_add(sq, up_mul(L, L))
             value = up_sqrt(sq)
         return value, ParallelBound(value, inner)
+
+
+#: largest block input (entries) whose selection pattern is traced exactly
+SELECTION_LIMIT = 1 << 22
+
+
+def selection_multiplicity(node: ParallelNode) -> int | None:
+    """For a concat block whose branches only move, drop or zero-pad entries
+    (IndexNode / ReshapeNode chains, or the identity): the largest number of
+    times one input entry appears in the output, traced exactly by evaluating
+    the block on the entry numbers 1..N (proofs/composition.md).  Else None."""
+    if node.merge != "concat" or not all(isinstance(n, (IndexNode, ReshapeNode))
+                                         for br in node.branches for n in br):
+        return None
+    numel = int(np.prod(node.in_shape))
+    if numel > SELECTION_LIMIT:
+        return None
+    import torch
+
+    ids = torch.arange(1, numel + 1, dtype=torch.float64).reshape(1, *node.in_shape)
+    out, _ = node.apply(ids, False)
+    vals = out.reshape(-1).to(torch.int64)
+    vals = vals[vals > 0]
+    return int(torch.bincount(vals).max()) if vals.numel() else 1
 
 
 def _identity_like(op, shape):

@@ -261,6 +261,13 @@ def _arith(node, ctx: Ctx) -> None:
                                 const_err=err), ctx.shape)
 
 
+@handler("Neg")
+def _neg(node, ctx: Ctx) -> None:
+    _dynamic_input(node, ctx)
+    _emit(ctx, node, AffineNode(node.name, "Neg", ctx.shape, ctx.shape, scale=np.array(-1.0),
+                                shift=np.array(0.0)), ctx.shape)
+
+
 @handler("BatchNormalization")
 def _bn(node, ctx: Ctx) -> None:
     c = _dynamic_input(node, ctx)

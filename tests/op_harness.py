@@ -11,7 +11,7 @@ from certlib.lipschitz import analyze
 from certlib.onnx_import import import_model
 
 
-def head_model(body_nodes, inits, in_shape, body_out, body_dim, classes=3, seed=0, opset=18):
+def head_model(body_nodes, inits, in_shape, body_out, body_dim, classes=3, seed=0, opset=18, int_inits=None):
     """body_nodes map "x" to tensor ``body_out`` (per-sample size ``body_dim``
     after flattening); a Flatten + Gemm head makes the logits "y"."""
     rng = np.random.default_rng(seed)
@@ -23,8 +23,9 @@ def head_model(body_nodes, inits, in_shape, body_out, body_dim, classes=3, seed=
     ]
     inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *in_shape])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])
-    g = helper.make_graph(nodes, "g", [inp], [out],
-                          [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in inits.items()])
+    tensors = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in inits.items()]
+    tensors += [numpy_helper.from_array(np.asarray(v, dtype=np.int64), k) for k, v in (int_inits or {}).items()]
+    g = helper.make_graph(nodes, "g", [inp], [out], tensors)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     onnx.checker.check_model(m)

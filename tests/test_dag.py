@@ -129,3 +129,33 @@ def test_input_normalisation_is_folded_into_the_first_conv():
     inv = 1.0 / float(np.float32(0.1))
     assert separate >= inv * np.linalg.svd(conv_matrix(conv), compute_uv=False)[0] * (1 - 1e-12)
     assert a.body.value < separate
+
+
+def test_concat_of_selections_is_sqrt_of_max_copies():
+    """A channel shuffle (strided channel slices concatenated) is a permutation:
+    bound exactly 1, not sqrt(4); a wrap pad copies boundary rows twice: sqrt(2)."""
+    shuffle = [helper.make_node("Slice", ["x", f"s{i}", "big", "ax1", "st4"], [f"c{i}"], name=f"slice{i}")
+               for i in range(4)]
+    shuffle.append(helper.make_node("Concat", [f"c{i}" for i in range(4)], ["sh"], name="shuffle", axis=1))
+    ints = {**{f"s{i}": [i] for i in range(4)}, "big": [100], "ax1": [1], "st4": [4]}
+    m = head_model(shuffle, {}, (8, 2, 2), "sh", 32, int_inits=ints)
+    g, a, lower, upper = check_model(m)
+    assert a.body.value == 1.0
+
+    wrap = [helper.make_node("Slice", ["x", "last", "big", "ax2"], ["top"], name="top"),
+            helper.make_node("Slice", ["x", "zero", "one", "ax2"], ["bottom"], name="bottom"),
+            helper.make_node("Concat", ["top", "x", "bottom"], ["w"], name="wrap", axis=2)]
+    ints = {"last": [-1], "big": [100], "ax2": [2], "zero": [0], "one": [1]}
+    m = head_model(wrap, {}, (1, 3, 3), "w", 15, int_inits=ints)
+    g, a, lower, upper = check_model(m)
+    assert a.body.value == pytest.approx(np.sqrt(2)) and a.body.value >= np.sqrt(2)
+
+
+def test_neg_and_relu_concat():
+    """MaxMin as torchlip writes it: concat(relu(x), relu(-x)) (bounded by sqrt 2)."""
+    nodes = [helper.make_node("Relu", ["x"], ["p"], name="pos"),
+             helper.make_node("Neg", ["x"], ["n"], name="neg"),
+             helper.make_node("Relu", ["n"], ["q"], name="negpart"),
+             helper.make_node("Concat", ["p", "q"], ["c"], name="cat", axis=1)]
+    g, a, lower, upper = check_model(head_model(nodes, {}, (2, 2, 2), "c", 16))
+    assert a.body.value == pytest.approx(np.sqrt(2))
