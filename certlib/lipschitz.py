@@ -25,97 +25,9 @@ from certlib.errors import UnsupportedModelError
 from certlib.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelBound, ParallelNode,
                            ReshapeNode, describe, gamma)
 from certlib.verifiers.operators import Conv2d, Dense
-
-METHODS = ("exact", "power", "sdp")
-
-#: convolutions whose input and output sizes are both at most this are
-#: bounded through their explicit matrix (built exactly by index arithmetic),
-#: which gives the true norm of the zero-padded operator instead of the
-#: (up to a few % larger) circular-embedding bound.
-DENSE_LIMIT = 2048
-
-
-def conv_matrix(op: Conv2d) -> np.ndarray:
-    """The explicit matrix of a Conv2d, each entry copied from one kernel tap
-    (no arithmetic, so it is exact).  Rows: output (o, i, j); columns: input (c, y, x)."""
-    cin, H, W = op.input_shape
-    cout, OH, OW = op.output_shape
-    k = op.kernel
-    cg, og = k.shape[1], cout // op.groups
-    pt, pl, _, _ = op.padding
-    M = np.zeros((cout * OH * OW, cin * H * W))
-    oi, oj = np.meshgrid(np.arange(OH), np.arange(OW), indexing="ij")
-    for a in range(k.shape[2]):
-        for b in range(k.shape[3]):
-            y = oi * op.stride[0] + a * op.dilation[0] - pt
-            x = oj * op.stride[1] + b * op.dilation[1] - pl
-            ok = (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            pos_out = (oi * OW + oj)[ok]
-            pos_in = (y * W + x)[ok]
-            for o in range(cout):
-                g = o // og
-                for c in range(cg):
-                    M[o * OH * OW + pos_out, (g * cg + c) * H * W + pos_in] = k[o, c, a, b]
-    return M
-
-
-#: the SDP verifier takes a convolution's explicit matrix when its SDP
-#: ([[tI, A^T], [A, tI]], size in + out) is at most this; larger convolutions
-#: go per DFT frequency block (circular relaxation: sound, a little looser).
-SDP_MAX_DIM = 400
-
-
-def _verifier(method: str):
-    """A function op -> Bound for the method (ops as chosen by _explicit_for)."""
-    if method == "exact":
-        from certlib.verifiers.svd import bound
-
-        return bound
-    if method == "power":
-        from certlib.verifiers.power import power_bound
-
-        return power_bound
-    if method == "sdp":
-        from certlib.verifiers.sdp import sdp_bound
-
-        def sdp(op):
-            try:
-                return sdp_bound(op, max_dim=SDP_MAX_DIM)
-            except ValueError as e:
-                raise UnsupportedModelError(f"--method sdp cannot bound this operator: {e}") from None
-        return sdp
-    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-
-
-def _explicit_for(op, method: str):
-    """The operator a method is handed: a small convolution becomes its exact
-    explicit matrix (true zero-padded norm), anything else stays as it is."""
-    if not isinstance(op, Conv2d):
-        return op
-    if method == "sdp":
-        small = op.in_dim + op.out_dim <= SDP_MAX_DIM
-    else:
-        small = op.in_dim <= DENSE_LIMIT and op.out_dim <= DENSE_LIMIT
-    return Dense(conv_matrix(op)) if small else op
-
-
-def _sdp_preflight(g: Graph, items) -> None:
-    """Refuse up front (before minutes of solving) every operator the SDP
-    verifier cannot take, all listed in one error."""
-    from certlib.errors import Unsupported
-    from certlib.verifiers.sdp import check
-
-    problems = []
-    for idx, op, _, label in items:
-        if op is None:
-            continue
-        try:
-            check(_explicit_for(op, "sdp"), max_dim=SDP_MAX_DIM)
-        except ValueError as e:
-            n = g.nodes[idx[0]]
-            problems.append(Unsupported(n.name, n.onnx_op, 0, f"{label}: {e} (use --method exact or power)"))
-    if problems:
-        raise UnsupportedModelError(problems)
+from certlib.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
+                               _sdp_preflight, _verifier, conv_matrix)
+from certlib.blocks import _sum_rounding_margin, fuse_linear_branches, selection_multiplicity  # noqa: F401
 
 
 @dataclass
@@ -368,94 +280,6 @@ class _Bounder:
         return value, ParallelBound(value, inner)
 
 
-#: largest block input (entries) whose selection pattern is traced exactly
-SELECTION_LIMIT = 1 << 22
-
-
-def selection_multiplicity(node: ParallelNode) -> int | None:
-    """For a concat block whose branches only move, drop or zero-pad entries
-    (IndexNode / ReshapeNode chains, or the identity): the largest number of
-    times one input entry appears in the output, traced exactly by evaluating
-    the block on the entry numbers 1..N (proofs/composition.md).  Else None."""
-    if node.merge != "concat" or not all(isinstance(n, (IndexNode, ReshapeNode))
-                                         for br in node.branches for n in br):
-        return None
-    numel = int(np.prod(node.in_shape))
-    if numel > SELECTION_LIMIT:
-        return None
-    import torch
-
-    ids = torch.arange(1, numel + 1, dtype=torch.float64).reshape(1, *node.in_shape)
-    out, _ = node.apply(ids, False)
-    vals = out.reshape(-1).to(torch.int64)
-    vals = vals[vals > 0]
-    return int(torch.bincount(vals).max()) if vals.numel() else 1
-
-
-def _identity_like(op, shape):
-    """The identity as an operator of op's kind and geometry, or None."""
-    if isinstance(op, Dense):
-        m, n = op.weight.shape
-        return Dense(np.eye(m)) if m == n else None
-    kh, kw = op.kernel.shape[2:]
-    pt, pl, pb, pr = op.padding
-    (dh, dw), cout = op.dilation, op.kernel.shape[0]
-    if op.stride != (1, 1) or op.output_shape != tuple(shape) or op.input_shape != tuple(shape):
-        return None
-    if pt % dh or pl % dw or pt // dh >= kh or pl // dw >= kw or op.kernel.shape[1] != cout // op.groups:
-        return None
-    k = np.zeros_like(op.kernel)
-    og = cout // op.groups
-    for o in range(cout):
-        k[o, o % og, pt // dh, pl // dw] = 1.0
-    return Conv2d(k, op.input_shape, op.stride, op.padding, op.dilation, op.groups)
-
-
-def fuse_linear_branches(node: ParallelNode):
-    """For an add-merge whose branches are each the identity or one linear
-    operator of the same kind and geometry: (the summed operator, number of
-    summands per entry); else None."""
-    if node.merge != "add":
-        return None
-    ops = []
-    for br in node.branches:
-        if len(br) > 1 or (br and not (isinstance(br[0], LinearNode) and not br[0].transposed)):
-            return None
-        ops.append(br[0].op if br else None)
-    ref = next((o for o in ops if o is not None), None)
-    if ref is None:
-        return None
-    terms = []
-    for o, s in zip(ops, node.signs):
-        if o is None:
-            o = _identity_like(ref, node.in_shape)
-            if o is None:
-                return None
-        if type(o) is not type(ref):
-            return None
-        if isinstance(o, Conv2d) and (o.kernel.shape != ref.kernel.shape or o.stride != ref.stride
-                                      or o.padding != ref.padding or o.dilation != ref.dilation
-                                      or o.groups != ref.groups or o.input_shape != ref.input_shape):
-            return None
-        if isinstance(o, Dense) and o.weight.shape != ref.weight.shape:
-            return None
-        terms.append(s * (o.weight if isinstance(o, Dense) else o.kernel))
-    total = np.sum(terms, axis=0)
-    fused = Dense(total) if isinstance(ref, Dense) else Conv2d(total, ref.input_shape, ref.stride, ref.padding,
-                                                              ref.dilation, ref.groups)
-    return fused, (np.sum([np.abs(t) for t in terms], axis=0), len(terms))
-
-
-def _sum_rounding_margin(op, terms: tuple) -> float:
-    """||E||_2 for E = fl(sum of k kernels) - exact sum: |E| <= gamma_{k-1} sum|K_b|
-    entrywise (numpy's sum, any order); a conv's norm is at most sqrt(taps)
-    times its kernel's Frobenius norm (proofs/residual_fusion.md)."""
-    abs_terms, k = terms
-    taps = 1 if isinstance(op, Dense) else op.kernel.shape[2] * op.kernel.shape[3]
-    fro = float(np.linalg.norm(abs_terms.ravel())) * (1 + gamma(abs_terms.size + 2))
-    return up(fro * math.sqrt(taps) * 1.0001 * gamma(max(k - 1, 1)) * (1 + 4 * U64))
-
-
 def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progress=None,
             fold_inputs: bool = True) -> Analysis:
     """Bound every stage of the body and compute the K_ij matrix.  ``fold_inputs``
@@ -518,3 +342,7 @@ def pair_constants(W: np.ndarray, L: float, rounding: float = 0.0) -> np.ndarray
     K = np.nextafter(K * L, np.inf) * (1 + 2 * U64)
     np.fill_diagonal(K, 0.0)
     return K
+
+
+__all__ = ["Analysis", "LayerBound", "METHODS", "DENSE_LIMIT", "SDP_MAX_DIM", "analyze", "conv_matrix",
+           "fuse_linear_branches", "pair_constants", "selection_multiplicity", "split_head"]

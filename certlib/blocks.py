@@ -1,0 +1,102 @@
+"""Bounds of merged blocks (ParallelNode) that are tighter than the generic
+composition rule: all-linear add blocks fused into one operator (SOUNDNESS.md
+rule 2; proofs/residual_fusion.md) and concats of entry selections
+(proofs/composition.md).  Used by :mod:`certlib.lipschitz`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from certlib.bounds import up
+from certlib.graph import U64, IndexNode, LinearNode, ParallelNode, ReshapeNode, gamma
+from certlib.verifiers.operators import Conv2d, Dense
+
+
+#: largest block input (entries) whose selection pattern is traced exactly
+SELECTION_LIMIT = 1 << 22
+
+
+def selection_multiplicity(node: ParallelNode) -> int | None:
+    """For a concat block whose branches only move, drop or zero-pad entries
+    (IndexNode / ReshapeNode chains, or the identity): the largest number of
+    times one input entry appears in the output, traced exactly by evaluating
+    the block on the entry numbers 1..N (proofs/composition.md).  Else None."""
+    if node.merge != "concat" or not all(isinstance(n, (IndexNode, ReshapeNode))
+                                         for br in node.branches for n in br):
+        return None
+    numel = int(np.prod(node.in_shape))
+    if numel > SELECTION_LIMIT:
+        return None
+    import torch
+
+    ids = torch.arange(1, numel + 1, dtype=torch.float64).reshape(1, *node.in_shape)
+    out, _ = node.apply(ids, False)
+    vals = out.reshape(-1).to(torch.int64)
+    vals = vals[vals > 0]
+    return int(torch.bincount(vals).max()) if vals.numel() else 1
+
+
+def _identity_like(op, shape):
+    """The identity as an operator of op's kind and geometry, or None."""
+    if isinstance(op, Dense):
+        m, n = op.weight.shape
+        return Dense(np.eye(m)) if m == n else None
+    kh, kw = op.kernel.shape[2:]
+    pt, pl, pb, pr = op.padding
+    (dh, dw), cout = op.dilation, op.kernel.shape[0]
+    if op.stride != (1, 1) or op.output_shape != tuple(shape) or op.input_shape != tuple(shape):
+        return None
+    if pt % dh or pl % dw or pt // dh >= kh or pl // dw >= kw or op.kernel.shape[1] != cout // op.groups:
+        return None
+    k = np.zeros_like(op.kernel)
+    og = cout // op.groups
+    for o in range(cout):
+        k[o, o % og, pt // dh, pl // dw] = 1.0
+    return Conv2d(k, op.input_shape, op.stride, op.padding, op.dilation, op.groups)
+
+
+def fuse_linear_branches(node: ParallelNode):
+    """For an add-merge whose branches are each the identity or one linear
+    operator of the same kind and geometry: (the summed operator, number of
+    summands per entry); else None."""
+    if node.merge != "add":
+        return None
+    ops = []
+    for br in node.branches:
+        if len(br) > 1 or (br and not (isinstance(br[0], LinearNode) and not br[0].transposed)):
+            return None
+        ops.append(br[0].op if br else None)
+    ref = next((o for o in ops if o is not None), None)
+    if ref is None:
+        return None
+    terms = []
+    for o, s in zip(ops, node.signs):
+        if o is None:
+            o = _identity_like(ref, node.in_shape)
+            if o is None:
+                return None
+        if type(o) is not type(ref):
+            return None
+        if isinstance(o, Conv2d) and (o.kernel.shape != ref.kernel.shape or o.stride != ref.stride
+                                      or o.padding != ref.padding or o.dilation != ref.dilation
+                                      or o.groups != ref.groups or o.input_shape != ref.input_shape):
+            return None
+        if isinstance(o, Dense) and o.weight.shape != ref.weight.shape:
+            return None
+        terms.append(s * (o.weight if isinstance(o, Dense) else o.kernel))
+    total = np.sum(terms, axis=0)
+    fused = Dense(total) if isinstance(ref, Dense) else Conv2d(total, ref.input_shape, ref.stride, ref.padding,
+                                                              ref.dilation, ref.groups)
+    return fused, (np.sum([np.abs(t) for t in terms], axis=0), len(terms))
+
+
+def _sum_rounding_margin(op, terms: tuple) -> float:
+    """||E||_2 for E = fl(sum of k kernels) - exact sum: |E| <= gamma_{k-1} sum|K_b|
+    entrywise (numpy's sum, any order); a conv's norm is at most sqrt(taps)
+    times its kernel's Frobenius norm (proofs/residual_fusion.md)."""
+    abs_terms, k = terms
+    taps = 1 if isinstance(op, Dense) else op.kernel.shape[2] * op.kernel.shape[3]
+    fro = float(np.linalg.norm(abs_terms.ravel())) * (1 + gamma(abs_terms.size + 2))
+    return up(fro * math.sqrt(taps) * 1.0001 * gamma(max(k - 1, 1)) * (1 + 4 * U64))
