@@ -259,6 +259,11 @@ class Walker:
         shapes = [b.shape for b in branches]
         in_shape = self.ctx.shape
         try:
+            if op not in MERGE_OPS:
+                dyn = self._dyn(node)
+                raise Skip(f"{op} reads {len(dyn)} tensors computed from the data ({', '.join(dyn)}); certlib "
+                           "needs every input but the first to be a constant (a product or a data-dependent "
+                           "parameter is not Lipschitz-bounded)")
             if any(t in ctx.consts for t in node.input if t):
                 raise Skip("merges branches with a constant input")
             if op in ("Add", "Sub", "Sum", "Max", "Min"):

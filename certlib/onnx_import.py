@@ -35,7 +35,10 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
 
     try:
         m = ir.serde.deserialize_model(model)
-        onnxscript.optimizer.fold_constants(m, input_size_limit=1 << 26, output_size_limit=1 << 28)
+        # ConstantOfShape is not folded by default (it can make large tensors);
+        # legacy exports build Pad's pads with it, so fold it within the size limits
+        onnxscript.optimizer.fold_constants(m, input_size_limit=1 << 26, output_size_limit=1 << 28,
+                                            should_fold=lambda n: True if n.op_type == "ConstantOfShape" else None)
         onnxscript.optimizer.remove_unused_nodes(m)
         return ir.serde.serialize_model(m)
     except Exception as e:  # folding failed: refuse rather than guess

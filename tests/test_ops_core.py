@@ -114,3 +114,28 @@ def test_softmax_inside_the_network_is_refused():
     nodes = [helper.make_node("Softmax", ["x"], ["s"], name="inner_softmax", axis=1)]
     with pytest.raises(UnsupportedModelError, match="inner_softmax"):
         import_model(head_model(nodes, {}, (3, 2, 2), "s", 12))
+
+
+def test_legacy_export_of_f_pad_folds_its_constant_of_shape(tmp_path):
+    """torch's legacy exporter builds F.pad's pads with ConstantOfShape + Concat;
+    the folder must turn them into constants."""
+    import io
+
+    import onnx
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 3)
+            self.fc = torch.nn.Linear(3 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(torch.nn.functional.pad(x, (1, 1, 1, 1))).flatten(1))
+
+    buf = io.BytesIO()
+    torch.onnx.export(Net().eval(), torch.rand(1, 2, 4, 4), buf, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=17)
+    m = onnx.load_from_string(buf.getvalue())
+    assert any(n.op_type == "ConstantOfShape" for n in m.graph.node) or any(n.op_type == "Pad" for n in m.graph.node)
+    check_model(m)
