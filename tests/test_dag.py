@@ -159,3 +159,21 @@ def test_neg_and_relu_concat():
              helper.make_node("Concat", ["p", "q"], ["c"], name="cat", axis=1)]
     g, a, lower, upper = check_model(head_model(nodes, {}, (2, 2, 2), "c", 16))
     assert a.body.value == pytest.approx(np.sqrt(2))
+
+
+def test_sum_of_three_branches():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["x", "two"], ["d"], name="double"),
+             helper.make_node("Sum", ["x", "r", "d"], ["s"], name="sum3")]
+    g, a, _, _ = check_model(head_model(nodes, {"two": np.array(2.0)}, (1, 3, 3), "s", 9))
+    assert a.body.value == pytest.approx(4.0) and a.body.value >= 4.0   # 1 + 1 + 2
+
+
+@pytest.mark.parametrize("op", ["Max", "Min"])
+def test_elementwise_max_min_of_branches(op):
+    nodes = [helper.make_node("Mul", ["x", "three"], ["a"], name="times3"),
+             helper.make_node("Mul", ["x", "four"], ["b"], name="times4"),
+             helper.make_node(op, ["a", "b"], ["m"], name="merge")]
+    g, a, _, _ = check_model(head_model(nodes, {"three": np.array(3.0), "four": np.array(-4.0)}, (1, 3, 3), "m", 9))
+    assert g.nodes[0].merge == op.lower()
+    assert a.body.value == pytest.approx(5.0) and a.body.value >= 5.0
