@@ -64,11 +64,6 @@ PENDING = {
         "FullSort as Reshape[-1,1,32] + TopK(axis=2, largest=0, sorted=1, K=Reshape(Gather(Shape(h), 2), [1])) "
         "+ Reshape[-1,32]: a sort of 32 values (1-Lipschitz like any GroupSort); refused as "
         "'TopK over an axis of size 32 (only pairs are a GroupSort-2)'",
-    "torchlip_maxmin_unshuffle_gap":
-        "deel-torchlip's MaxMin is Relu(h), Neg(h) -> Relu, Concat(axis=1), Mul(1.0): Neg has no handler "
-        "(the pair map h -> (relu h, relu -h) is 1-Lipschitz; root-sum-of-squares would give sqrt 2); "
-        "then PixelUnshuffle(2) = Reshape[-1,16,4,2,4,2] + Transpose(perm=[0,1,3,5,2,4]) + "
-        "Reshape[-1,64,4,4] and ScaledAdaptiveAvgPool2d = GlobalAveragePool + Mul(4.0)",
     "torchlip_l2normpool":
         "LPPool2d(norm 2, k=s=2) as Pow(h, 2) -> AveragePool(k=2,s=2) -> Sign(a), Relu(Abs(a)) -> "
         "Mul(sign, relu) -> Mul(4.0) -> Pow(0.5): an l2-norm pool over disjoint windows (1-Lipschitz); "
