@@ -248,6 +248,10 @@ class Graph:
     #: "Softmax" / "LogSoftmax" when the model's final normalisation was
     #: dropped (the IR computes the logits before it; argmax is unchanged)
     dropped_output: str = ""
+    #: 0, or the batch size the ONNX model is fixed to / was imported at (its
+    #: shapes are computed at run time): the IR is then the model run on that
+    #: many samples at a time, each sample on its own
+    batch: int = 0
 
     def linear_nodes(self) -> list:
         return [n for n in self.nodes if isinstance(n, LinearNode)]

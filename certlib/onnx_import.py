@@ -27,17 +27,21 @@ from certlib.onnx_ops import HANDLERS, Ctx, Skip
 
 
 # ------------------------------------------------------------------- load
-def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
+def _fold(model: onnx.ModelProto, shape_inference: bool = False) -> onnx.ModelProto:
     """Constant folding only (onnxscript's folder; no rewrite rules, so node
-    names and operator forms stay as exported)."""
+    names and operator forms stay as exported).  ``shape_inference`` first
+    propagates static shapes, so that Shape -> Gather -> Concat chains fold."""
     import onnx_ir as ir
     import onnxscript.optimizer
 
     try:
+        if shape_inference:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         m = ir.serde.deserialize_model(model)
         # ConstantOfShape is not folded by default (it can make large tensors);
         # legacy exports build Pad's pads with it, so fold it within the size limits
         onnxscript.optimizer.fold_constants(m, input_size_limit=1 << 26, output_size_limit=1 << 28,
+                                            onnx_shape_inference=shape_inference,
                                             should_fold=lambda n: True if n.op_type == "ConstantOfShape" else None)
         onnxscript.optimizer.remove_unused_nodes(m)
         return ir.serde.serialize_model(m)
@@ -60,6 +64,29 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict:
     return out
 
 
+def _batch_dim(model: onnx.ModelProto, in_name: str) -> int:
+    """The input's static batch size, or 0 when it is dynamic."""
+    for i in model.graph.input:
+        if i.name == in_name:
+            dims = i.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+    return 0
+
+
+def _with_batch(model: onnx.ModelProto, in_name: str, batch: int) -> onnx.ModelProto:
+    """A copy of the model whose input (and output) batch size is ``batch``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for v in [i for i in m.graph.input if i.name == in_name] + list(m.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    del m.graph.value_info[:]
+    return m
+
+
 def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
                  check_runtime: bool = True) -> Graph:
     """Convert a loaded ONNX model into the IR, or raise UnsupportedModelError
@@ -68,7 +95,14 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
     in_name, shape = input_signature(model, input_shape)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     folded = _fold(model)
-    ctx = Ctx(folded, opset)
+    batch = _batch_dim(model, in_name)
+    if any(n.op_type in ("Shape", "Size") for n in folded.graph.node):
+        # shapes computed at run time (dynamic exports): import the model as it
+        # runs on `batch` samples at a time (1 when dynamic), so that they fold
+        batch = batch or 1
+        runtime_model = _with_batch(model, in_name, batch)
+        folded = _fold(runtime_model, shape_inference=True)
+    ctx = Ctx(folded, opset, batch=batch)
     for init in folded.graph.initializer:
         ctx.consts[init.name] = numpy_helper.to_array(init)
     nodes = list(folded.graph.node)
@@ -87,7 +121,7 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
         ctx.problems.append(Unsupported(out_name, "-", opset, "the graph output is not the end of the chain"))
     if ctx.problems:
         raise UnsupportedModelError(ctx.problems)
-    g = Graph(in_name, shape, out_name, ir_nodes, dropped_output=ctx.dropped)
+    g = Graph(in_name, shape, out_name, ir_nodes, dropped_output=ctx.dropped, batch=batch)
     out_shape = ctx.shape
     if len(out_shape) != 1:
         raise UnsupportedModelError(f"output must be a vector of logits per sample, got shape {out_shape}")
@@ -106,12 +140,14 @@ def check_against_runtime(model: onnx.ModelProto, g: Graph, n: int = 4, seed: in
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
+    b = g.batch or n  # a model with a fixed batch size runs on exactly that many samples
+    n = b * max(1, -(-n // b)) if b <= n else b
     x = rng.random((n, *g.input_shape)).astype(np.float32)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         feed_type = sess.get_inputs()[0].type
         xin = x.astype(np.float64) if "double" in feed_type else x
-        ref = sess.run(None, {g.input_name: xin})[0]
+        ref = np.concatenate([sess.run(None, {g.input_name: xin[i:i + b]})[0] for i in range(0, n, b)])
     except Exception as e:
         raise UnsupportedModelError(f"onnxruntime cannot run this model: {e}") from None
     ours, _ = g.forward(x)

@@ -33,6 +33,9 @@ class Ctx:
     consumers: dict = field(default_factory=dict)
     #: a final Softmax/LogSoftmax that was dropped (argmax unchanged)
     dropped: str = ""
+    #: the batch size the model is imported at (0: any); a Reshape target
+    #: whose first entry equals it keeps every sample apart (row-major)
+    batch: int = 0
 
     def const(self, name: str):
         return self.consts.get(name)
@@ -325,6 +328,8 @@ def _reshape(node, ctx: Ctx) -> None:
                 raise Skip("Reshape copies a dimension that does not exist")
             t = full[i]
         out.append(t)
+    if ctx.batch and out[0] == ctx.batch:
+        out[0] = -2  # the fixed batch size: each sample's entries stay together
     if out[0] not in (-2, -1):
         raise Skip("Reshape must keep the batch dimension first")
     rest = out[1:]

@@ -168,7 +168,7 @@ def _members(info, r1, r2) -> set:
 # ----------------------------------------------------------------- emit
 def _reshaped(node, ctx, shape: tuple) -> tuple:
     """Per-sample shape after Reshape ``node`` (the importer's own rule)."""
-    tmp = Ctx(ctx.model, ctx.opset, ctx.consts, node.input[0], tuple(shape))
+    tmp = Ctx(ctx.model, ctx.opset, ctx.consts, node.input[0], tuple(shape), batch=ctx.batch)
     HANDLERS["Reshape"](node, tmp)
     return tmp.shape
 

@@ -82,3 +82,47 @@ def test_opset_versions_are_resolved_with_onnx_defs():
         check_opset(helper.make_node("Gelu", ["a"], ["b"]), Ctx(None, 12))
     with pytest.raises(Skip, match="opsets >= 7"):
         check_opset(helper.make_node("Relu", ["a"], ["b"]), Ctx(None, 6))
+
+
+def _torch_groupsort_net():
+    import torch
+
+    class GS(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            n, c, hh, ww = h.shape   # shapes computed at run time in a dynamic export
+            p = h.reshape(n, c // 2, 2, hh, ww)
+            h = torch.cat([p.max(2, keepdim=True)[0], p.min(2, keepdim=True)[0]], 2).reshape(n, c, hh, ww)
+            return self.fc(h.flatten(1))
+
+    torch.manual_seed(0)
+    return GS().eval()
+
+
+@pytest.mark.parametrize("batch,dynamic", [(1, True), (1, False), (3, False)])
+def test_shapes_computed_at_run_time_and_fixed_batches(batch, dynamic):
+    """Dynamic exports compute Reshape targets from Shape(x); static exports
+    write the batch size into them.  Both import as the model run on `batch`
+    samples at a time (Graph.batch), each sample on its own."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    kw = dict(dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}) if dynamic else {}
+    torch.onnx.export(_torch_groupsort_net(), torch.rand(batch, 1, 4, 4), buf, dynamo=False, input_names=["x"],
+                      output_names=["y"], opset_version=17, **kw)
+    m = onnx.load_from_string(buf.getvalue())
+    assert dynamic == any(n.op_type == "Shape" for n in m.graph.node)
+    g = import_model(m)
+    assert g.batch == batch
+    assert any(n.kind == "activation" for n in g.nodes)   # the GroupSort-2 became one MinMax node
+    x = np.random.default_rng(1).random((6, 1, 4, 4)).astype(np.float32)
+    sess = ort.InferenceSession(m.SerializeToString())
+    ref = np.concatenate([sess.run(None, {"x": x[i:i + batch]})[0] for i in range(0, 6, batch)])
+    np.testing.assert_allclose(g.forward(x)[0], ref, rtol=1e-5, atol=1e-5)

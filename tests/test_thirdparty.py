@@ -54,12 +54,6 @@ N_CERT = 96      # samples certified and attacked (the CLI's --limit)
 #: exporter emits that certlib does not import yet (when the handler lands the
 #: case XPASSes; then drop it from here).
 PENDING = {
-    "torchlip_groupsort_avgpool_legacy":
-        "dynamic batch under the TorchScript exporter: each GroupSort2 Reshape target is computed as "
-        "Concat(Unsqueeze(Gather(Shape(h), 0)), Unsqueeze(Cast(Cast(Div(Gather(Shape(h), 1), 2)))), [2], "
-        "Unsqueeze(Gather(Shape(h), 2)), Unsqueeze(Gather(Shape(h), 3))) and the way back as "
-        "Concat(Unsqueeze(Gather(Shape(h), i)) for i in 0..3); the folder leaves it (symbolic batch), "
-        "so Shape/Gather/Unsqueeze are refused and the graph is not series-parallel",
     "torchlip_fullsort_dynamo":
         "FullSort as Reshape[-1,1,32] + TopK(axis=2, largest=0, sorted=1, K=Reshape(Gather(Shape(h), 2), [1])) "
         "+ Reshape[-1,32]: a sort of 32 values (1-Lipschitz like any GroupSort); refused as "
