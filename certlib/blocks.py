@@ -100,3 +100,35 @@ def _sum_rounding_margin(op, terms: tuple) -> float:
     taps = 1 if isinstance(op, Dense) else op.kernel.shape[2] * op.kernel.shape[3]
     fro = float(np.linalg.norm(abs_terms.ravel())) * (1 + gamma(abs_terms.size + 2))
     return up(fro * math.sqrt(taps) * 1.0001 * gamma(max(k - 1, 1)) * (1 + 4 * U64))
+
+
+def circular_conv(pad, conv):
+    """For a wrap Pad (IndexNode) on H and W followed by a stride-1 conv
+    without padding whose output has the input's H x W: (the dilated kernel,
+    grid (H, W), groups) of the circular convolution the pair computes, else
+    None.  y = C_K(S x) with S a circular shift (unitary), so the pair's norm
+    is the circular conv's (proofs/zero_padding.md, circular padding)."""
+    if not (isinstance(pad, IndexNode) and pad.fn == "gather" and pad.params.get("mode") == "wrap"
+            and isinstance(conv, LinearNode) and isinstance(conv.op, Conv2d) and not conv.transposed):
+        return None
+    op = conv.op
+    b, e = pad.params["begin"], pad.params["end"]
+    if len(pad.in_shape) != 3 or b[0] or e[0] or op.stride != (1, 1) or any(op.padding):
+        return None
+    c, H, W = pad.in_shape
+    keh, kew = op.effective_kernel_size
+    if tuple(op.input_shape) != tuple(pad.out_shape) or b[1] + e[1] != keh - 1 or b[2] + e[2] != kew - 1:
+        return None
+    K = op.kernel
+    dh, dw = op.dilation
+    Kd = np.zeros(K.shape[:2] + (keh, kew))
+    Kd[:, :, ::dh, ::dw] = K
+    return Kd, (H, W), op.groups
+
+
+def conv_norm_cheap(op: Conv2d) -> float:
+    """||conv|| <= sum over taps ||K_tap||_2 <= sqrt(taps) ||K||_F (shifts with
+    zero padding and subsampling are contractions), rounded up."""
+    taps = op.kernel.shape[2] * op.kernel.shape[3]
+    fro = float(np.linalg.norm(op.kernel.ravel())) * (1 + gamma(op.kernel.size + 2))
+    return up(up(fro * math.sqrt(taps)) * (1 + 4 * U64))

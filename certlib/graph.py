@@ -153,10 +153,15 @@ class ReshapeNode(Node):
 class IndexNode(Node):
     """transpose(perm) | pad(pads) | slice(slices) | space_to_depth(b) |
     depth_to_space(b, mode): every output entry is one input entry or 0, and no
-    input entry is used twice, so the map is exact and 1-Lipschitz."""
+    input entry is used twice, so the map is exact and 1-Lipschitz.
+    gather(index): output entries copy input entries, an entry at most m times:
+    exact, Lipschitz sqrt(m) (``lipschitz``)."""
 
     fn: str = "transpose"
     params: dict = field(default_factory=dict)
+    #: 1 for maps that use every input entry at most once; sqrt(m) for
+    #: "gather" maps that copy an entry up to m times (edge/reflect/wrap pads)
+    lipschitz: float = 1.0
 
     def apply(self, h, track, bound=None):
         return _index(self.fn, self.params, h), _zero(h, track)
@@ -322,6 +327,11 @@ def _index(fn: str, p: dict, h: torch.Tensor) -> torch.Tensor:
         for d in reversed(range(r)):
             flat += [pads[d], pads[d + r]]
         return F.pad(h, flat)
+    if fn == "gather":  # p["index"]: per per-sample dim, None or the source index of each output entry
+        for d, idx in enumerate(p["index"]):
+            if idx is not None:
+                h = h.index_select(d + 1, torch.as_tensor(np.asarray(idx, dtype=np.int64)))
+        return h
     if fn == "slice":  # p["slices"]: one (start, stop, step) per per-sample dim
         return h[(slice(None), *(slice(*s) for s in p["slices"]))]
     b = int(p["blocksize"])

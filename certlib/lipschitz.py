@@ -27,7 +27,8 @@ from certlib.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, Li
 from certlib.verifiers.operators import Conv2d, Dense
 from certlib.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
                                _sdp_preflight, _verifier, conv_matrix)
-from certlib.blocks import _sum_rounding_margin, fuse_linear_branches, selection_multiplicity  # noqa: F401
+from certlib.blocks import (_sum_rounding_margin, circular_conv, conv_norm_cheap,  # noqa: F401
+                            fuse_linear_branches, selection_multiplicity)
 
 
 @dataclass
@@ -122,7 +123,8 @@ def _chain_items(nodes: list, start: int, stop: int, fold_inputs: bool = True):
         elif isinstance(n, ActivationNode):
             items.append(([i], None, float(n.lipschitz), n.activation))
         elif isinstance(n, IndexNode):
-            items.append(([i], None, 1.0, f"{n.fn} (moves/drops entries)"))
+            items.append(([i], None, float(n.lipschitz),
+                          f"{n.fn} (moves/drops entries)" if n.lipschitz == 1.0 else f"{n.fn} (copies entries)"))
         elif isinstance(n, ParallelNode):
             items.append(([i], None, None, describe(n)))
         else:
@@ -148,6 +150,22 @@ def _chain_items(nodes: list, start: int, stop: int, fold_inputs: bool = True):
                 continue
         out.append(it)
     return _fold_inputs(nodes, out) if fold_inputs else out
+
+
+def _fold_circular(nodes: list, items: list) -> list:
+    """Merge a wrap Pad item and the plain conv item after it into one
+    circular-convolution item (factor ("circular", kernel, grid, groups))."""
+    out = []
+    for it in items:
+        prev = out[-1] if out else None
+        if (prev is not None and len(prev[0]) == 1 and len(it[0]) == 1 and it[1] is not None
+                and not isinstance(it[2], tuple) and not isinstance(prev[2], tuple)):
+            circ = circular_conv(nodes[prev[0][0]], nodes[it[0][0]])
+            if circ is not None:
+                out[-1] = (prev[0] + it[0], None, ("circular", *circ), "wrap pad + " + it[3] + " (circular)")
+                continue
+        out.append(it)
+    return out
 
 
 def _fold_inputs(nodes: list, items: list) -> list:
@@ -219,7 +237,10 @@ class _Bounder:
         stop = len(nodes) if stop is None else stop
         node_bounds: list = [1.0] * len(nodes)
         body = 1.0
-        for idx, op, factor, label in _chain_items(nodes, 0, stop, self.fold_inputs):
+        items = _chain_items(nodes, 0, stop, self.fold_inputs)
+        if self.method == "exact" and not self.estimate_only:
+            items = _fold_circular(nodes, items)
+        for idx, op, factor, label in items:
             t1 = time.perf_counter()
             n0 = nodes[idx[0]]
             name = prefix + (n0.name or f"node{idx[0]}")
@@ -227,15 +248,25 @@ class _Bounder:
                 value, nb = self.parallel(n0, name + "/")
                 node_bounds[idx[0]] = nb
                 how, label = "composition (SOUNDNESS.md 3)", describe(n0)
+            elif isinstance(factor, tuple) and factor[0] == "circular":
+                from certlib.verifiers.svd import circular_conv_bound
+
+                b = circular_conv_bound(*factor[1:])
+                if not isinstance(b, Bound):
+                    raise UnsoundError("circular_conv_bound must return a Bound")
+                value, how = b.value, b.method + " (wrap pad + conv = circular conv)"
+                node_bounds[idx[1]] = conv_norm_cheap(nodes[idx[1]].op)   # forward-error recursion only
             elif op is None:
                 value, how = float(factor), "rule"
             else:
                 folded = isinstance(factor, tuple)
                 value, how = self.op_bound(op, nodes[factor[2]].const_err if folded else None)
             body = up_mul(body, value)
-            if not isinstance(n0, ParallelNode):
+            if isinstance(factor, tuple) and factor[0] == "circular":
+                node_bounds[idx[0]] = n0.lipschitz
+            elif not isinstance(n0, ParallelNode):
                 node_bounds[idx[0]] = value
-            if isinstance(factor, tuple):  # linear A folded with diag(s): ||A|| <= ||sA|| / min|s|
+            if isinstance(factor, tuple) and factor[0] == "folded":  # ||A|| <= ||sA|| / min|s|
                 smin = float(np.min(np.abs(factor[1])))
                 lin = idx[1] if factor[2] == idx[0] else idx[0]
                 node_bounds[lin] = up(value / smin) if smin > 0 else math.inf

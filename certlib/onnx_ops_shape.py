@@ -139,8 +139,8 @@ def _pad(node, ctx) -> None:
     v = _version(node, ctx)
     a = _attrs(node)
     mode = _str(a.get("mode"), "constant")
-    if mode != "constant":
-        raise Skip(f"mode={mode}: only constant zero padding is supported")
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        raise Skip(f"mode={mode} is not an ONNX pad mode certlib knows")
     r = len(ctx.shape) + 1
     if v < 11:
         _inputs(node, ctx, {})
@@ -156,7 +156,7 @@ def _pad(node, ctx) -> None:
         value = 0.0 if value is None else value
         axes = _ints(c[3], "axes") if v >= 18 and _opt(node, c, 3) is not None else None
     val = np.asarray(value)
-    if val.size > 1 or not np.all(val == 0):
+    if mode == "constant" and (val.size > 1 or not np.all(val == 0)):
         raise Skip(f"constant value {val.tolist()} is not 0 (only zero padding is supported)")
     axes = list(range(r)) if axes is None else norm_axes(axes, r)
     if len(pads) != 2 * len(axes):
@@ -169,8 +169,45 @@ def _pad(node, ctx) -> None:
     out = tuple(d + b + e for d, b, e in zip(ctx.shape, begin[1:], end[1:]))
     if min(out, default=1) < 1:
         raise Skip(f"pads {pads} crop shape {ctx.shape} to nothing")
+    if mode != "constant":
+        _copy_pad(node, ctx, mode, begin[1:], end[1:], out)
+        return
     _emit(ctx, node, IndexNode(node.name, "Pad", ctx.shape, out, fn="pad",
                                params={"pads": begin[1:] + end[1:]}), out)
+
+
+def _copy_pad(node, ctx, mode: str, begin: list, end: list, out: tuple) -> None:
+    """edge / reflect / wrap padding: every output entry copies one input
+    entry (source index per axis); an entry copied m times in all makes the map
+    sqrt(m)-Lipschitz (exact: perturb that entry).  m is the product over axes
+    of the largest per-axis copy count."""
+    from certlib.bounds import up_sqrt
+
+    index, m = [], 1
+    for n, b, e in zip(ctx.shape, begin, end):
+        if b == 0 and e == 0:
+            index.append(None)
+            continue
+        if b < 0 or e < 0:
+            raise Skip(f"negative pads with mode={mode}")
+        i = np.arange(-b, n + e)
+        if mode == "edge":
+            src = np.clip(i, 0, n - 1)
+        elif mode == "wrap":
+            if b > n or e > n:
+                raise Skip(f"wrap pads {b, e} longer than the axis ({n})")
+            src = np.mod(i, n)
+        else:  # reflect, without repeating the edge
+            if b > n - 1 or e > n - 1:
+                raise Skip(f"reflect pads {b, e} need an axis longer than them ({n})")
+            src = np.where(i < 0, -i, np.where(i > n - 1, 2 * (n - 1) - i, i))
+        index.append(src.tolist())
+        m *= int(np.bincount(src).max())
+    r = int(np.sqrt(m))
+    lip = float(r) if r * r == m else up_sqrt(m)
+    _emit(ctx, node, IndexNode(node.name, "Pad", ctx.shape, out, fn="gather", lipschitz=lip,
+                               params={"index": index, "mode": mode, "begin": list(begin), "end": list(end)}),
+          out)
 
 
 def slice_params(node, ctx, shape: tuple) -> list:

@@ -90,11 +90,46 @@ def test_pad_attribute_form_opset10():
     _unit_bound(m, (3, 4, 7))
 
 
-@pytest.mark.parametrize("mode", ["reflect", "edge"])
-def test_pad_reflect_and_edge_are_refused(mode):
-    m = _model([_mk("Pad", ["x", "pads"], mode=mode)], {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1])},
-               (2, 3, 4), (2, 5, 6))
-    _refused(m, "pad", f"mode={mode}")
+@pytest.mark.parametrize("mode,pads,m", [
+    ("wrap", [0, 0, 1, 1, 0, 0, 1, 1], 4),      # each axis copies its end rows twice: 2 x 2
+    ("reflect", [0, 0, 1, 2, 0, 0, 1, 0], 6),   # H pads (1, 1) copy row 1 three times, W pads (2, 0) cols 1, 2 twice
+    ("edge", [0, 0, 0, 2, 0, 0, 0, 0], 3),      # the first column copied 3 times
+])
+def test_pad_copy_modes_are_sqrt_of_max_copies(mode, pads, m):
+    """edge / reflect / wrap padding copies entries: Lipschitz exactly sqrt(max
+    copies of one entry), checked against the explicit 0/1 matrix."""
+    b, e = pads[:4], pads[4:]
+    out = tuple(d + pb + pe for d, pb, pe in zip((2, 3, 4), b[1:], e[1:]))
+    opset = 19 if mode == "wrap" else 18
+    mdl = _model([_mk("Pad", ["x", "pads"], mode=mode)], {"pads": np.array(pads)}, (2, 3, 4), out, opset=opset)
+    g, a, lower, upper = check_model(mdl)
+    node = g.nodes[0]
+    basis = np.eye(24).reshape(24, 2, 3, 4)
+    M = np.stack([node.apply(torch.as_tensor(v[None]), False)[0].reshape(-1).numpy() for v in basis], axis=1)
+    ref = ort.InferenceSession(mdl.SerializeToString()).run(None, {"x": basis.astype(np.float32)})[0]
+    assert ref.shape[0] == 24   # the model runs on the basis; the 0/1 matrix comes from the IR node
+    true = np.linalg.svd(M, compute_uv=False)[0]
+    assert true == pytest.approx(np.sqrt(m)) and node.lipschitz >= true and node.lipschitz == pytest.approx(np.sqrt(m))
+
+
+@pytest.mark.parametrize("k,dil,groups", [(3, 1, 1), (5, 1, 2), (3, 2, 1)])
+def test_wrap_pad_then_conv_is_one_circular_conv(k, dil, groups):
+    """Pad(wrap) + Conv(pads 0, stride 1) keeping H x W is a circular conv:
+    bounded exactly (the pair's explicit matrix), not sqrt(copies) * ||conv||."""
+    rng = np.random.default_rng(k + dil)
+    p = dil * (k - 1) // 2
+    w = rng.normal(size=(4, 4 // groups, k, k))
+    nodes = [_mk("Pad", ["x", "pads"], out="p", mode="wrap"),
+             helper.make_node("Conv", ["p", "w"], ["o"], name="conv", dilations=[dil, dil], group=groups)]
+    mdl = _model(nodes, {"pads": np.array([0, 0, p, p, 0, 0, p, p]), "w": w}, (4, 5, 5), (4, 5, 5), opset=19)
+    g, a, lower, upper = check_model(mdl)
+    basis = np.eye(100).reshape(100, 4, 5, 5)
+    h = torch.as_tensor(basis)
+    for node in g.nodes[:2]:
+        h, _ = node.apply(h, False)
+    true = np.linalg.svd(h.reshape(100, -1).numpy().T, compute_uv=False)[0]
+    assert true <= a.body.value <= true * (1 + 1e-9)
+    assert "circular" in a.layers[0].method
 
 
 def test_pad_nonzero_value_and_batch_pads_are_refused():
@@ -163,9 +198,11 @@ def test_slice_refusals():
 
 
 def test_slice_with_non_constant_starts_is_refused():
-    # start = min(batch size, 1): not foldable to a constant
-    nodes = [helper.make_node("Shape", ["x"], ["sh"], name="shape", end=1),
-             helper.make_node("Min", ["sh", "one"], ["start"], name="start"),
+    # start computed from the data's values (a shape-derived start folds at the
+    # imported batch size and is fine): never a constant
+    nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], name="max", keepdims=0),
+             helper.make_node("Cast", ["mx"], ["mi"], name="cast", to=TensorProto.INT64),
+             helper.make_node("Reshape", ["mi", "one"], ["start"], name="start"),
              helper.make_node("Slice", ["x", "start", "e", "a"], ["o"], name="slice")]
     m = _model(nodes, {"one": np.array([1]), "e": np.array([BIG]), "a": np.array([2])}, (3, 4), (3, 3))
     with pytest.raises(UnsupportedModelError) as ei:

@@ -66,9 +66,6 @@ PENDING = {
         "LayerCentering as ReduceMean(h, axes=[-2,-1], keepdims=1), Sub(h, mean) (broadcast [8,8,8] - "
         "[8,1,1]), Add(bias[1,8,1,1]): I - mean-projection per channel, 1-Lipschitz; ReduceMean has no "
         "handler and the broadcasting Sub is refused (LPReLU's Clip(slope)+Unsqueeze+PRelu imports)",
-    "orthogonium_aoc_circular_dynamo":
-        "circular padding as Pad(mode='wrap', pads=[0,0,1,1,0,0,1,1]) before Conv(pads=0) (and a no-op "
-        "Pad(mode='wrap', pads=0) before the stride-2 conv): refused, only constant zero padding",
 }
 
 

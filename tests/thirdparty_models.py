@@ -292,9 +292,9 @@ ORTHOGONIUM = [
     Case("orthogonium_aoc_zero_padding", "orthogonium", _og_aoc_zeros, freeze,
          layers={"0": "orthogonal", "2": "orthogonal", "4": "orthogonal",
                  "7": "orthogonal"}, tight=1.02),
-    # circular padding exported as Slice + Concat: sound, but each padded axis
-    # costs sqrt(3) (root-sum-of-squares of 3 slices) where a recognised
-    # circular convolution would have norm 1
+    # circular padding exported as Slice + Concat (legacy): sound, each padded
+    # axis costs sqrt(2) (an edge entry is copied twice); the dynamo export's
+    # Pad(wrap) + Conv is recognised as one circular convolution (exactly 1)
     Case("orthogonium_aoc_circular_legacy", "orthogonium", _og_aoc_circular, freeze,
          layers={"0": "orthogonal", "2": "orthogonal"}),
     Case("orthogonium_aoc_circular_dynamo", "orthogonium", _og_aoc_circular, freeze, exporter="dynamo",
