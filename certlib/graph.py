@@ -366,6 +366,12 @@ def _minmax(order: str, adjacent: bool):
     return fn
 
 
+def _sort_groups(h, p):
+    """Sort each group of g entries of the (P, g, Q) view (GroupSort-g / FullSort)."""
+    v = h.reshape(h.shape[0], p["P"], p["g"], p["Q"])
+    return torch.sort(v, dim=2, descending=p.get("descending", True)).values.reshape(h.shape)
+
+
 def _maxpool(h, p):
     pt, pl, pb, pr = p["pads"]
     if any(p["pads"]):
@@ -392,6 +398,7 @@ ACTIVATIONS = {
     "tanh": (lambda h, p: torch.tanh(h), LIBM_REL),
     "sigmoid": (lambda h, p: torch.sigmoid(h), LIBM_REL),
     "maxpool": (_maxpool, 0.0),
+    "groupsort": (_sort_groups, 0.0),   # sorting returns the inputs: exact
 }
 
 

@@ -234,8 +234,7 @@ def _emit_form(ctx, nodes, src, r1, r2, final, info) -> None:
         j = _axis(a.get("axis", -1), rank, "TopK axis")
         if not int(a.get("sorted", 1)):
             raise Skip("TopK with sorted=0 (order unspecified)")
-        if s1[j] != 2:
-            raise Skip(f"TopK over an axis of size {s1[j]} (only pairs are a GroupSort-2)")
+        g = s1[j]
         if gather is not None:
             sh, gi = gather
             sa = _attrs(nodes[sh])
@@ -245,10 +244,20 @@ def _emit_form(ctx, nodes, src, r1, r2, final, info) -> None:
                 raise Skip("TopK's k is not the size of its axis")
         else:
             k = a.get("k") if shp._version(n, ctx) < 10 else ctx.consts.get(n.input[1])
-            if k is None or shp._ints(k, "k") != [2]:
-                raise Skip("TopK with k != 2")
+            if k is None or shp._ints(k, "k") != [g]:
+                raise Skip(f"TopK with k != the size {g} of its axis (a partial sort)")
         order = "maxmin" if int(a.get("largest", 1)) else "minmax"
         P, Q = int(np.prod(s1[:j])), int(np.prod(s1[j + 1:]))
+        if g != 2:  # a full sort of each group of g: GroupSort-g, 1-Lipschitz
+            s2 = _reshaped(nodes[r2], ctx, s1) if r2 is not None else s1
+            if int(np.prod(s2)) != int(np.prod(s0)):  # pragma: no cover
+                raise Skip("GroupSort shapes do not match")
+            ctx.nodes.append(ActivationNode(n.name or "TopK", "GroupSort", s0, s0, activation="groupsort",
+                                            params={"P": P, "g": g, "Q": Q, "descending": order == "maxmin"}))
+            if s2 != s0:
+                ctx.nodes.append(ReshapeNode((n.name or "TopK") + "/unview", "Reshape", s0, s2))
+            ctx.current, ctx.shape = nodes[final].output[0], tuple(s2)
+            return
     s2 = _reshaped(nodes[r2], ctx, s1) if r2 is not None else s1
     core = nodes[info[{"S": 2, "R": 3, "T": 1}[kind]]]   # the Concat or the TopK
     _pairs(ctx, nodes[final], core.name or core.op_type, s0, P, Q, order, s2)

@@ -114,7 +114,7 @@ def test_groupsort_forms_that_are_not_pair_sorts_are_refused():
     m = _reduce_form([-1, 2, 3, 2, 3], 2, 1, "maxmin", shape=(6, 2, 3), out=(4, 2, 3))
     with pytest.raises(UnsupportedModelError, match="axis of size 3"):
         import_model(m)
-    with pytest.raises(UnsupportedModelError, match=r"\[view, topk, back\]: TopK with k != 2"):
+    with pytest.raises(UnsupportedModelError, match=r"\[view, topk, back\]: TopK with k != the size 2 of its axis"):
         import_model(_topk_form(k=1))
     # the two Slices are not the halves of the axis
     nodes = [helper.make_node("Slice", ["x", "s0", "e0", "ax"], ["a"], name="first"),
@@ -198,3 +198,18 @@ def test_groupsort_torch_dynamo_export(how):
         pytest.skip(f"dynamo torch.onnx.export unusable here: {type(e).__name__}: {e}")
     g, _, _, _ = check_model(m)
     assert _act(g) == EXPECT[how]
+
+
+@pytest.mark.parametrize("largest", [1, 0])
+def test_full_sort_of_groups_topk(largest):
+    """TopK with k = the axis size (sorted) sorts each group: GroupSort-g,
+    1-Lipschitz (sorting is an l2 contraction, rearrangement inequality)."""
+    nodes = [helper.make_node("Reshape", ["x", "view"], ["v"], name="view"),
+             helper.make_node("TopK", ["v", "k"], ["t", "ti"], name="topk", axis=2, largest=largest),
+             helper.make_node("Reshape", ["t", "back"], ["o"], name="back")]
+    m = _model(nodes, {"view": np.array([-1, 3, 4, 3]), "back": np.array([-1, 12, 3]), "k": np.array([4])},
+               (12, 3), (12, 3))
+    g, a, lower, upper = check_model(m)
+    act = next(n for n in g.nodes if n.kind == "activation")
+    assert act.activation == "groupsort" and act.params["g"] == 4 and act.lipschitz == 1.0
+    assert a.body.value == 1.0

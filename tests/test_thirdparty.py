@@ -54,10 +54,6 @@ N_CERT = 96      # samples certified and attacked (the CLI's --limit)
 #: exporter emits that certlib does not import yet (when the handler lands the
 #: case XPASSes; then drop it from here).
 PENDING = {
-    "torchlip_fullsort_dynamo":
-        "FullSort as Reshape[-1,1,32] + TopK(axis=2, largest=0, sorted=1, K=Reshape(Gather(Shape(h), 2), [1])) "
-        "+ Reshape[-1,32]: a sort of 32 values (1-Lipschitz like any GroupSort); refused as "
-        "'TopK over an axis of size 32 (only pairs are a GroupSort-2)'",
     "torchlip_l2normpool":
         "LPPool2d(norm 2, k=s=2) as Pow(h, 2) -> AveragePool(k=2,s=2) -> Sign(a), Relu(Abs(a)) -> "
         "Mul(sign, relu) -> Mul(4.0) -> Pow(0.5): an l2-norm pool over disjoint windows (1-Lipschitz); "
