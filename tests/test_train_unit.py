@@ -137,6 +137,8 @@ def test_train_step_benchmark_runs():
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["time_ratio"] > 0 and res["plain_images_per_s"] > 0 and res["certified_images_per_s"] > 0
+    assert res["lipschitz_term_s"] > 0 and res["power_iterations_s"] > 0 and res["arithmetic_floor_ratio"] > 1
+    assert "MEASURED" in r.stdout and "NOT MEASURED" in r.stdout
 
 
 def test_gpu_check_runs_on_cpu_quick():
@@ -150,7 +152,7 @@ def test_gpu_check_runs_on_cpu_quick():
     assert "GPU-hours" in r.stdout
 
 
-@pytest.mark.parametrize("mode", ["conv", "gemm"])
+@pytest.mark.parametrize("mode", ["conv", "gemm", "loop", "fold"])
 def test_fast_power_iteration_equals_the_models(mode):
     from certlib.models.liresnet import build
     from certlib.train.power import PowerIteration, lipschitz_estimate

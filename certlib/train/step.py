@@ -92,7 +92,10 @@ class TrainStep:
     54.7 -> 51.0 ms per step); ``cuda_graph`` replays its iterations as one
     CUDA graph (off: it saved nothing measurable per step there, and a graph
     silently reads stale memory if parameters are ever reallocated).
-    ``power_mode``: see certlib.train.power."""
+    ``power_mode``: see certlib.train.power.  Nothing in the step makes the
+    host wait for the device (no ``.item()``, no blocking host->device
+    copies): the returned counters stay on the device until the caller reads
+    them."""
 
     def __init__(self, model, net, opt, *, loss: str, trades_lambda: float, power_iters: int, grad_clip: float,
                  test_eps: float, device: torch.device, precision: str, info: DistInfo,
@@ -155,8 +158,9 @@ class TrainStep:
             correct = (logits.argmax(1) == y).sum()
             cert = certified_estimate(logits, y, K.detach(), self.test_eps).sum() if self.loss_name != "ce" \
                 else torch.zeros((), device=logits.device, dtype=torch.long)
+            # torch.full, not torch.tensor(...): a host->device copy would wait for the whole step
             return torch.stack([total.detach(), correct.float(), cert.float(),
-                                torch.tensor(float(len(y)), device=logits.device)])
+                                torch.full((), float(len(y)), device=logits.device)])
 
 
 @torch.no_grad()
