@@ -140,7 +140,7 @@ def test_concat_of_selections_is_sqrt_of_max_copies():
     ints = {**{f"s{i}": [i] for i in range(4)}, "big": [100], "ax1": [1], "st4": [4]}
     m = head_model(shuffle, {}, (8, 2, 2), "sh", 32, int_inits=ints)
     g, a, lower, upper = check_model(m)
-    assert a.body.value == 1.0
+    assert 1.0 <= a.body.value <= 1.0 + 1e-12   # exactly 1, rounded up once per stage
 
     wrap = [helper.make_node("Slice", ["x", "last", "big", "ax2"], ["top"], name="top"),
             helper.make_node("Slice", ["x", "zero", "one", "ax2"], ["bottom"], name="bottom"),

@@ -212,4 +212,4 @@ def test_full_sort_of_groups_topk(largest):
     g, a, lower, upper = check_model(m)
     act = next(n for n in g.nodes if n.kind == "activation")
     assert act.activation == "groupsort" and act.params["g"] == 4 and act.lipschitz == 1.0
-    assert a.body.value == 1.0
+    assert 1.0 <= a.body.value <= 1.0 + 1e-12   # exactly 1, rounded up once per stage
