@@ -132,3 +132,27 @@ def conv_norm_cheap(op: Conv2d) -> float:
     taps = op.kernel.shape[2] * op.kernel.shape[3]
     fro = float(np.linalg.norm(op.kernel.ravel())) * (1 + gamma(op.kernel.size + 2))
     return up(up(fro * math.sqrt(taps)) * (1 + 4 * U64))
+
+
+def is_crelu(node: ParallelNode) -> bool:
+    """concat(relu(x), relu(-x)) (CReLU; deel-torchlip's MaxMin): 1-Lipschitz.
+    Per entry, (relu a - relu b)^2 + (relu -a - relu -b)^2 <= (a - b)^2: with
+    a, b of one sign one term is |a - b| and the other 0; with a > 0 > b it is
+    a^2 + b^2 <= (a - b)^2 since -2ab >= 0 (proofs/activations.md)."""
+    from certlib.graph import ActivationNode, AffineNode
+
+    if node.merge != "concat" or len(node.branches) != 2:
+        return False
+
+    def relu(n):
+        return isinstance(n, ActivationNode) and n.activation == "relu"
+
+    def neg(n):
+        return (isinstance(n, AffineNode) and not n.const_err and np.all(np.asarray(n.scale) == -1.0)
+                and np.all(np.asarray(n.shift) == 0.0))
+
+    kinds = sorted(len(b) for b in node.branches)
+    if kinds != [1, 2]:
+        return False
+    one, two = sorted(node.branches, key=len)
+    return relu(one[0]) and neg(two[0]) and relu(two[1])

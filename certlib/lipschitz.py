@@ -27,7 +27,7 @@ from certlib.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, Li
 from certlib.verifiers.operators import Conv2d, Dense
 from certlib.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
                                _sdp_preflight, _verifier, conv_matrix)
-from certlib.blocks import (_sum_rounding_margin, circular_conv, conv_norm_cheap,  # noqa: F401
+from certlib.blocks import (_sum_rounding_margin, circular_conv, conv_norm_cheap, is_crelu,  # noqa: F401
                             fuse_linear_branches, selection_multiplicity)
 
 
@@ -294,6 +294,8 @@ class _Bounder:
         if m is not None:  # concat of entry selections: sqrt(max copies of one entry)
             value = float(math.isqrt(m)) if math.isqrt(m) ** 2 == m else up_sqrt(m)
             return value, ParallelBound(value, [[1.0] * len(b) for b in node.branches])
+        if is_crelu(node):  # concat(relu x, relu -x): 1 (relu and negation are exact)
+            return 1.0, ParallelBound(1.0, [[1.0] * len(b) for b in node.branches])
         totals, inner = [], []
         for k, br in enumerate(node.branches):
             L, nb = self.chain(br, prefix=f"{prefix}{k}/")

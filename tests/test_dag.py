@@ -152,13 +152,19 @@ def test_concat_of_selections_is_sqrt_of_max_copies():
 
 
 def test_neg_and_relu_concat():
-    """MaxMin as torchlip writes it: concat(relu(x), relu(-x)) (bounded by sqrt 2)."""
+    """MaxMin as deel-torchlip writes it: concat(relu(x), relu(-x)) is
+    1-Lipschitz (CReLU rule), not sqrt 2 (root-sum-of-squares)."""
     nodes = [helper.make_node("Relu", ["x"], ["p"], name="pos"),
              helper.make_node("Neg", ["x"], ["n"], name="neg"),
              helper.make_node("Relu", ["n"], ["q"], name="negpart"),
              helper.make_node("Concat", ["p", "q"], ["c"], name="cat", axis=1)]
     g, a, lower, upper = check_model(head_model(nodes, {}, (2, 2, 2), "c", 16))
-    assert a.body.value == pytest.approx(np.sqrt(2))
+    assert 1.0 <= a.body.value <= 1.0 + 1e-12
+    # the rule is attained: perturb one positive entry
+    x = np.zeros((1, 2, 2, 2))
+    x[0, 0, 0, 0] = 1.0
+    f = g.nodes[0].apply(__import__("torch").as_tensor(x), False)[0].numpy()
+    assert np.linalg.norm(f) == 1.0
 
 
 def test_sum_of_three_branches():

@@ -229,7 +229,7 @@ TORCHLIP = [
          layers={"0": "le1", "3": "le1", "6": "orthogonal"}, tight=1.02),
     Case("torchlip_fullsort_dynamo", "deel.torchlip", _tl_fullsort, torchlip_vanilla,
          exporter="dynamo", tight=1.02),
-    # MaxMin = concat(relu h, relu -h) is bounded by sqrt 2 (root-sum-of-squares; truly 1): loose
+    # MaxMin = concat(relu h, relu -h): the CReLU rule bounds it by exactly 1
     Case("torchlip_maxmin_unshuffle", "deel.torchlip", _tl_maxmin_unshuffle, torchlip_vanilla,
          layers={"0": "le1", "5": "orthogonal"}, steps=120, lr=0.03, eps=0.02),
     Case("torchlip_l2normpool", "deel.torchlip", _tl_l2pool, torchlip_vanilla,
