@@ -21,11 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from certlib.errors import Unsupported
 from certlib.graph import IndexNode, ParallelNode
-from certlib.onnx_ops import HANDLERS, Ctx, Skip, _attrs, _dynamic_input, _find_minmax, _minmax, check_opset
+from certlib.onnx_ops import HANDLERS, Ctx, Skip, _attrs, _dynamic_input, check_opset
 
 MERGE_OPS = ("Add", "Sub", "Sum", "Concat", "Max", "Min")
 
@@ -34,18 +33,8 @@ class _Abort(Exception):
     """The walk cannot continue (the problem is already recorded)."""
 
 
-def _find_minmax_patterns(nodes, ctx) -> dict:
-    """start node index -> (consumed node indices, emit(ctx) function)."""
-    out = {}
-    for ci, (consumed, src, order) in _find_minmax(nodes, ctx).items():
-        start = next(i for i in consumed if nodes[i].op_type == "Split")
-        concat = nodes[ci]
-        out[start] = (consumed | {ci}, lambda c, n=concat, s=src, o=order: _minmax(n, c, s, o))
-    return out
-
-
 #: pattern finders: f(nodes, ctx) -> {start index: (consumed indices, emit)}
-PATTERNS = [_find_minmax_patterns]
+PATTERNS: list = []   # filled by certlib.onnx_patterns on import
 
 # handler modules register themselves into HANDLERS / PATTERNS on import
 from certlib import onnx_ops_nonlinear, onnx_ops_shape  # noqa: E402,F401

@@ -2,9 +2,9 @@
 
 Each handler reads one ONNX node on the main chain, checks its attributes and
 constant inputs, and appends the matching IR node (certlib.graph) to the
-context, or raises :class:`Skip` with the reason it cannot be bounded.  The
-MinMax pattern (Split + Max + Min + Concat) is recognised as one activation.
-Used by :mod:`certlib.onnx_import`.
+context, or raises :class:`Skip` with the reason it cannot be bounded.
+Multi-node forms (MinMax / GroupSort) are in :mod:`certlib.onnx_patterns`.
+Used by :mod:`certlib.onnx_dag`.
 """
 
 from __future__ import annotations
@@ -363,55 +363,3 @@ def _constant(node, ctx: Ctx) -> None:
     if "value" not in a:
         raise Skip("only Constant(value=tensor) is supported")
     ctx.consts[node.output[0]] = numpy_helper.to_array(a["value"])
-
-
-# ------------------------------------------------------- MinMax recognition
-def _find_minmax(nodes: list, ctx: Ctx) -> dict:
-    """Map Concat node index -> (set of consumed node indices, source tensor, order)."""
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    found = {}
-    for ci, n in enumerate(nodes):
-        if n.op_type != "Concat" or len(n.input) != 2 or _attrs(n).get("axis") not in (1, -3):
-            continue
-        p = [producer.get(t) for t in n.input]
-        if None in p:
-            continue
-        kinds = [nodes[i].op_type for i in p]
-        if sorted(kinds) != ["Max", "Min"]:
-            continue
-        mx, mn = (nodes[p[0]], nodes[p[1]]) if kinds[0] == "Max" else (nodes[p[1]], nodes[p[0]])
-        if len(mx.input) != 2 or set(mx.input) != set(mn.input) or len(set(mx.input)) != 2:
-            continue
-        srcs = {producer.get(t) for t in mx.input}
-        if len(srcs) != 1 or None in srcs:
-            continue
-        si = srcs.pop()
-        sp = nodes[si]
-        if sp.op_type != "Split" or len(sp.output) != 2 or set(sp.output) != set(mx.input):
-            continue
-        a = _attrs(sp)
-        if a.get("axis", 0) not in (1, -3):
-            continue
-        if len(sp.input) > 1 and sp.input[1]:
-            sizes = ctx.consts.get(sp.input[1])
-            if sizes is None or len(set(np.asarray(sizes).tolist())) != 1:
-                continue
-        elif "split" in a and len(set(a["split"])) != 1:
-            continue
-        # every intermediate tensor must be used only inside the pattern
-        inner = list(sp.output) + [mx.output[0], mn.output[0]]
-        if any(len(ctx.consumers.get(t, [])) != (2 if t in sp.output else 1) for t in inner):
-            continue
-        order = "maxmin" if kinds[0] == "Max" else "minmax"
-        found[ci] = ({si, producer[mx.output[0]], producer[mn.output[0]]}, sp.input[0], order)
-    return found
-
-
-def _minmax(node, ctx: Ctx, src: str, order: str) -> None:
-    if src != ctx.current:
-        raise Skip("MinMax is not on the main chain")
-    if not ctx.shape or ctx.shape[0] % 2:
-        raise Skip(f"MinMax needs an even channel count, got shape {ctx.shape}")
-    act = ActivationNode(node.name or "minmax", "MinMax", ctx.shape, ctx.shape,
-                         activation="minmax" if order == "maxmin" else "minmax_rev")
-    _emit(ctx, node, act, ctx.shape)

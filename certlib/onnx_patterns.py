@@ -16,7 +16,10 @@ Reshape of its output, when those tensors are used only inside the form):
   then Unsqueeze) + Concat along that axis (torch ``max/min(dim)`` + ``cat``
   or ``stack``);
 * T: TopK(k=2, sorted) over an axis of size 2, values output only (torch
-  ``sort`` / ``topk``); k a constant or ``Gather(Shape(input), axis)``.
+  ``sort`` / ``topk``); k a constant or ``Gather(Shape(input), axis)``; with
+  k = g > 2 the same form is a full sort of groups of g (``groupsort``);
+* Split (two equal halves of axis 1) + Max + Min + Concat (certlib's own
+  LiResNet export).
 
 A finder only claims nodes whose intermediate tensors are used nowhere else;
 the emit function checks every shape and axis against the tensor it is given
@@ -31,7 +34,7 @@ from collections import Counter
 import numpy as np
 
 from certlib.graph import ActivationNode, ReshapeNode
-from certlib.onnx_ops import HANDLERS, Ctx, Skip, _attrs
+from certlib.onnx_ops import HANDLERS, Ctx, Skip, _attrs, _emit
 from certlib import onnx_ops_shape as shp
 
 PASS = ("Reshape", "Unsqueeze", "Squeeze", "Cast")  # may sit between Gather(Shape) and TopK's k
@@ -285,11 +288,74 @@ def _pairs(ctx, last, name: str, s_in: tuple, P: int, Q: int, order: str, s_out:
     ctx.current, ctx.shape = last.output[0], tuple(s_out)
 
 
+# ------------------------------------------ MinMax as Split + Max + Min + Concat
+def _find_minmax(nodes: list, ctx: Ctx) -> dict:
+    """Map Concat node index -> (set of consumed node indices, source tensor, order)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    found = {}
+    for ci, n in enumerate(nodes):
+        if n.op_type != "Concat" or len(n.input) != 2 or _attrs(n).get("axis") not in (1, -3):
+            continue
+        p = [producer.get(t) for t in n.input]
+        if None in p:
+            continue
+        kinds = [nodes[i].op_type for i in p]
+        if sorted(kinds) != ["Max", "Min"]:
+            continue
+        mx, mn = (nodes[p[0]], nodes[p[1]]) if kinds[0] == "Max" else (nodes[p[1]], nodes[p[0]])
+        if len(mx.input) != 2 or set(mx.input) != set(mn.input) or len(set(mx.input)) != 2:
+            continue
+        srcs = {producer.get(t) for t in mx.input}
+        if len(srcs) != 1 or None in srcs:
+            continue
+        si = srcs.pop()
+        sp = nodes[si]
+        if sp.op_type != "Split" or len(sp.output) != 2 or set(sp.output) != set(mx.input):
+            continue
+        a = _attrs(sp)
+        if a.get("axis", 0) not in (1, -3):
+            continue
+        if len(sp.input) > 1 and sp.input[1]:
+            sizes = ctx.consts.get(sp.input[1])
+            if sizes is None or len(set(np.asarray(sizes).tolist())) != 1:
+                continue
+        elif "split" in a and len(set(a["split"])) != 1:
+            continue
+        # every intermediate tensor must be used only inside the pattern
+        inner = list(sp.output) + [mx.output[0], mn.output[0]]
+        if any(len(ctx.consumers.get(t, [])) != (2 if t in sp.output else 1) for t in inner):
+            continue
+        order = "maxmin" if kinds[0] == "Max" else "minmax"
+        found[ci] = ({si, producer[mx.output[0]], producer[mn.output[0]]}, sp.input[0], order)
+    return found
+
+
+def _minmax(node, ctx: Ctx, src: str, order: str) -> None:
+    if src != ctx.current:
+        raise Skip("MinMax is not on the main chain")
+    if not ctx.shape or ctx.shape[0] % 2:
+        raise Skip(f"MinMax needs an even channel count, got shape {ctx.shape}")
+    act = ActivationNode(node.name or "minmax", "MinMax", ctx.shape, ctx.shape,
+                         activation="minmax" if order == "maxmin" else "minmax_rev")
+    _emit(ctx, node, act, ctx.shape)
+
+
+def _find_minmax_patterns(nodes, ctx) -> dict:
+    """start node index -> (consumed node indices, emit(ctx) function)."""
+    out = {}
+    for ci, (consumed, src, order) in _find_minmax(nodes, ctx).items():
+        start = next(i for i in consumed if nodes[i].op_type == "Split")
+        concat = nodes[ci]
+        out[start] = (consumed | {ci}, lambda c, n=concat, s=src, o=order: _minmax(n, c, s, o))
+    return out
+
+
 def _register() -> None:
     from certlib import onnx_dag
 
-    if _find_groupsort not in onnx_dag.PATTERNS:
-        onnx_dag.PATTERNS.append(_find_groupsort)
+    for finder in (_find_minmax_patterns, _find_groupsort):
+        if finder not in onnx_dag.PATTERNS:
+            onnx_dag.PATTERNS.append(finder)
 
 
 _register()
