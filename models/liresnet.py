@@ -270,7 +270,7 @@ _CIFAR = dict(in_channels=3, input_size=32, stem_kernel=5, stem_stride=2, stem_p
 
 PRESETS: dict[str, LiResNetConfig] = {
     # Embedded 8x8 digits (scikit-learn): 8 -> 8 (stem) -> 2 (neck); trains in
-    # about a minute on a CPU.  Not from the paper.
+    # about 2.5 minutes on one CPU core (recipe: certlib.train.config.RECIPES).  Not from the paper.
     "digits": LiResNetConfig(name="digits", in_channels=1, input_size=8, num_classes=10, width=32, depth=4,
                              stem_kernel=3, stem_stride=1, stem_padding=1, dense_dim=128),
     # CIFAR-10, the paper's text model L12 W512 (stem 5x5 s2: 32 -> 16, neck -> 4x4, D=512).

@@ -148,8 +148,15 @@ _CIFAR = dict(_PAPER, augment="crop-flip", crop_pad=4)
 
 RECIPES: dict[str, dict] = {
     # one thread: tiny convolutions gain nothing from a second thread, and a
-    # busy second core makes OpenMP spin-waits 20x slower
-    "digits": dict(data="digits", epochs=250, batch_size=128, lr=3e-3, weight_decay=0.0,
+    # busy second core makes OpenMP spin-waits 20x slower.  weight_decay=1.0
+    # (AdamW, decoupled: each step shrinks the weights by lr * 1.0) keeps the
+    # logit scale bounded: without it the body's Lipschitz constant grows to
+    # ~2e4, the EMMA cross-entropy saturates (already-certified points stop
+    # contributing) and the certified margins generalise worse (train VRA ~97%,
+    # test ~87%); with it L_body stays ~16-20 and test VRA rises by ~1.5-2
+    # points (seeds 0/1/2: 88.6/90.6/88.9% vs 86.9/87.5/87.2% for the
+    # earlier wd 0, 250 epochs).  Measured in README.
+    "digits": dict(data="digits", epochs=300, batch_size=128, lr=3e-3, weight_decay=1.0,
                    warmup_epochs=5, eps=0.3, threads=1),
     "cifar10": dict(data="cifar10:data/cifar10", **_CIFAR),
     "cifar10-l18w256": dict(data="cifar10:data/cifar10", **_CIFAR),
