@@ -64,6 +64,12 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict:
     return out
 
 
+#: largest fixed batch size (and batch x per-sample entries) accepted: the
+#: runtime check evaluates the model on one full batch
+MAX_FIXED_BATCH = 4096
+MAX_FIXED_BATCH_ELEMENTS = 1 << 26
+
+
 def _batch_dim(model: onnx.ModelProto, in_name: str) -> int:
     """The input's static batch size, or 0 when it is dynamic."""
     for i in model.graph.input:
@@ -96,6 +102,11 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     folded = _fold(model)
     batch = _batch_dim(model, in_name)
+    if batch > MAX_FIXED_BATCH or batch * int(np.prod(shape)) > MAX_FIXED_BATCH_ELEMENTS:
+        raise UnsupportedModelError(
+            f"the model's batch size is fixed to {batch}: certlib runs such a model on that many samples at a "
+            f"time (limit {MAX_FIXED_BATCH} samples, {MAX_FIXED_BATCH_ELEMENTS} input entries); export it with "
+            "a dynamic or smaller batch")
     if any(n.op_type in ("Shape", "Size") for n in folded.graph.node):
         # shapes computed at run time (dynamic exports): import the model as it
         # runs on `batch` samples at a time (1 when dynamic), so that they fold

@@ -126,3 +126,13 @@ def test_shapes_computed_at_run_time_and_fixed_batches(batch, dynamic):
     sess = ort.InferenceSession(m.SerializeToString())
     ref = np.concatenate([sess.run(None, {"x": x[i:i + batch]})[0] for i in range(0, 6, batch)])
     np.testing.assert_allclose(g.forward(x)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_absurd_fixed_batch_is_refused_before_anything_is_allocated():
+    """Fuzz finding: a model whose batch dimension is fixed to 2^40 made the
+    runtime check try to allocate 128 TiB."""
+    m = plain_net()
+    m.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1 << 40
+    with pytest.raises(UnsupportedModelError, match="batch size is fixed to 1099511627776"):
+        import_model(m)

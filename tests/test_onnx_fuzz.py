@@ -75,8 +75,15 @@ def _session(blob: bytes):
 def _ort_logits(sess, x: np.ndarray) -> np.ndarray:
     inp = sess.get_inputs()[0]
     xin = x.astype(np.float64 if "double" in inp.type else np.float32)
-    out = sess.run(None, {inp.name: xin})[0]
-    return np.asarray(out, dtype=np.float64).reshape(len(x), -1)
+    b = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else len(x)
+    outs = []
+    for i in range(0, len(x), b):  # a model with a fixed batch size runs on exactly b samples
+        chunk = xin[i:i + b]
+        pad = b - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        outs.append(np.asarray(sess.run(None, {inp.name: chunk})[0], dtype=np.float64).reshape(b, -1)[:b - pad])
+    return np.concatenate(outs)
 
 
 def _contradicted(logits: np.ndarray, pred: np.ndarray) -> np.ndarray:
