@@ -141,15 +141,21 @@ def _finite(arr: np.ndarray, node, what: str) -> np.ndarray:
     return a
 
 
+def conv_weight(node, ctx: Ctx, weight, what: str = "convolutions") -> np.ndarray:
+    """The finite 4-D kernel of a 2-D (transposed) convolution on a (C, H, W) sample."""
+    if len(ctx.shape) != 3:
+        raise Skip(f"only 2-D {what} are supported (input shape {ctx.shape})")
+    w = _finite(weight, node, "weight")
+    if w.ndim != 4:
+        raise Skip(f"only 2-D {what} are supported")
+    return w
+
+
 # ---------------------------------------------------------------- handlers
 @handler("Conv")
 def _conv(node, ctx: Ctx) -> None:
     c = _dynamic_input(node, ctx)
-    if len(ctx.shape) != 3:
-        raise Skip(f"only 2-D convolutions are supported (input shape {ctx.shape})")
-    w = _finite(c[1], node, "weight")
-    if w.ndim != 4:
-        raise Skip("only 2-D convolutions are supported")
+    w = conv_weight(node, ctx, c[1])
     a = _attrs(node)
     kh, kw = w.shape[2:]
     strides = tuple(a.get("strides", (1, 1)))

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from certlib.graph import IndexNode, LinearNode, ReshapeNode
-from certlib.onnx_ops import Skip, _attrs, _dynamic_input, _emit, _finite, handler
+from certlib.onnx_ops import Skip, _attrs, _dynamic_input, _emit, _finite, conv_weight, handler
 from certlib.verifiers.operators import Conv2d
 
 #: no batch is this large: a Slice end at or beyond it keeps the whole batch axis
@@ -324,11 +324,7 @@ def _convt_pads(a: dict, n: tuple, k_eff: tuple, s: tuple, op: tuple) -> tuple:
 @handler("ConvTranspose")
 def _conv_transpose(node, ctx) -> None:
     c = _inputs(node, ctx, {1: "weight", 2: "bias"})
-    if len(ctx.shape) != 3:
-        raise Skip(f"only 2-D transposed convolutions are supported (input shape {ctx.shape})")
-    w = _finite(c[1], node, "weight")
-    if w.ndim != 4:
-        raise Skip("only 2-D transposed convolutions are supported")
+    w = conv_weight(node, ctx, c[1], "transposed convolutions")
     a = _attrs(node)
     cin, H, W = ctx.shape
     g = int(a.get("group", 1))
