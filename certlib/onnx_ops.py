@@ -141,6 +141,20 @@ def _finite(arr: np.ndarray, node, what: str) -> np.ndarray:
     return a
 
 
+def attr_str(v, default: str) -> str:
+    """A string attribute (onnx gives bytes), or ``default`` when absent."""
+    if v is None:
+        return default
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def same_split(total: int, mode: str) -> tuple[int, int]:
+    """(begin, end) of a total padding under auto_pad SAME_UPPER (odd extra at
+    the end) or SAME_LOWER (odd extra at the beginning)."""
+    small, big = total // 2, total - total // 2
+    return (small, big) if mode == "SAME_UPPER" else (big, small)
+
+
 def conv_weight(node, ctx: Ctx, weight, what: str = "convolutions") -> np.ndarray:
     """The finite 4-D kernel of a 2-D (transposed) convolution on a (C, H, W) sample."""
     if len(ctx.shape) != 3:
@@ -161,8 +175,7 @@ def _conv(node, ctx: Ctx) -> None:
     strides = tuple(a.get("strides", (1, 1)))
     dil = tuple(a.get("dilations", (1, 1)))
     group = int(a.get("group", 1))
-    auto_pad = a.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = attr_str(a.get("auto_pad"), "NOTSET")
     _, h, wd = ctx.shape
     if auto_pad in ("NOTSET", "VALID"):
         pads = tuple(a.get("pads", (0, 0, 0, 0))) if auto_pad == "NOTSET" else (0, 0, 0, 0)
@@ -174,9 +187,7 @@ def _conv(node, ctx: Ctx) -> None:
         for ax, (n, k, s, d) in enumerate(((h, kh, strides[0], dil[0]), (wd, kw, strides[1], dil[1]))):
             out = -(-n // s)
             total = max(0, (out - 1) * s + d * (k - 1) + 1 - n)
-            small, big = total // 2, total - total // 2
-            begin, end = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
-            pads[ax], pads[ax + 2] = begin, end
+            pads[ax], pads[ax + 2] = same_split(total, auto_pad)
         pads = tuple(pads)
     else:
         raise Skip(f"auto_pad={auto_pad} not supported")

@@ -27,7 +27,8 @@ import onnx
 
 from certlib.bounds import up_sqrt
 from certlib.graph import U64, ActivationNode, AffineNode, LinearNode
-from certlib.onnx_ops import Ctx, Skip, _attrs, _dynamic_input, _emit, _finite, _per_sample, handler
+from certlib.onnx_ops import (Ctx, Skip, _attrs, _dynamic_input, _emit, _finite, _per_sample, attr_str, handler,
+                              same_split)
 from certlib.verifiers.operators import Conv2d
 
 
@@ -181,8 +182,7 @@ def _geometry(node, ctx: Ctx, kernel: tuple, a: dict, dilations_since: int):
     ceil = int(a.get("ceil_mode", 0))
     if ceil not in (0, 1):
         raise Skip(f"ceil_mode={ceil}")
-    mode = a.get("auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    mode = attr_str(a.get("auto_pad"), "NOTSET")
     if mode == "NOTSET":
         pads = _ints(a, "pads", (0, 0, 0, 0), 4, 0)
     elif mode in ("VALID", "SAME_UPPER", "SAME_LOWER"):
@@ -204,8 +204,7 @@ def _geometry(node, ctx: Ctx, kernel: tuple, a: dict, dilations_since: int):
             if total < 0:
                 raise Skip(f"auto_pad={mode} with a stride longer than the window: onnxruntime computes a "
                            "negative padding, the ONNX spec a zero one")
-            small, big = total // 2, total - total // 2
-            pb, pe = (small, big) if mode == "SAME_UPPER" else (big, small)
+            pb, pe = same_split(total, mode)
         else:
             pb, pe = pads[ax], pads[ax + 2]
             span = n + pb + pe - ek

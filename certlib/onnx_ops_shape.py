@@ -14,10 +14,10 @@ reason (SOUNDNESS.md rule 3: never guess).
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from certlib.graph import IndexNode, LinearNode, ReshapeNode
-from certlib.onnx_ops import Skip, _attrs, _dynamic_input, _emit, _finite, conv_weight, handler
+from certlib.onnx_ops import (Skip, _attrs, _dynamic_input, _emit, _finite, attr_str, conv_weight, handler,
+                              same_split, schema_version)
 from certlib.verifiers.operators import Conv2d
 
 #: no batch is this large: a Slice end at or beyond it keeps the whole batch axis
@@ -25,17 +25,9 @@ BIG = 2 ** 31 - 1
 
 
 def _version(node, ctx) -> int:
-    """The version of node's operator in force at the model's opset."""
-    try:
-        return int(onnx.defs.get_schema(node.op_type, max(int(ctx.opset), 1), "").since_version)
-    except Exception:  # unknown to this onnx: treat as the newest form
-        return int(ctx.opset)
-
-
-def _str(v, default: str) -> str:
-    if v is None:
-        return default
-    return v.decode() if isinstance(v, bytes) else str(v)
+    """The version of node's operator in force at the model's opset (the
+    model's opset when onnx does not know the op)."""
+    return schema_version(node.op_type, max(int(ctx.opset), 1)) or int(ctx.opset)
 
 
 def _ints(v, what: str) -> list:
@@ -138,7 +130,7 @@ def _transpose(node, ctx) -> None:
 def _pad(node, ctx) -> None:
     v = _version(node, ctx)
     a = _attrs(node)
-    mode = _str(a.get("mode"), "constant")
+    mode = attr_str(a.get("mode"), "constant")
     if mode not in ("constant", "edge", "reflect", "wrap"):
         raise Skip(f"mode={mode} is not an ONNX pad mode certlib knows")
     r = len(ctx.shape) + 1
@@ -276,7 +268,7 @@ def _space_depth(node, ctx) -> None:
             raise Skip(f"H={H}, W={W} not divisible by blocksize {b}")
         out, params = (C * b * b, H // b, W // b), {"blocksize": b}
     else:
-        mode = _str(a.get("mode"), "DCR")
+        mode = attr_str(a.get("mode"), "DCR")
         if mode not in ("DCR", "CRD"):
             raise Skip(f"mode={mode}")
         if C % (b * b):
@@ -289,7 +281,7 @@ def _space_depth(node, ctx) -> None:
 # ----------------------------------------------------------- ConvTranspose
 def _convt_pads(a: dict, n: tuple, k_eff: tuple, s: tuple, op: tuple) -> tuple:
     """(begin pads, end pads) per spatial axis, by the ONNX spec."""
-    auto = _str(a.get("auto_pad"), "NOTSET")
+    auto = attr_str(a.get("auto_pad"), "NOTSET")
     full = [si * (ni - 1) + ki + oi for ni, ki, si, oi in zip(n, k_eff, s, op)]
     if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):
         if "output_shape" in a:
@@ -306,11 +298,8 @@ def _convt_pads(a: dict, n: tuple, k_eff: tuple, s: tuple, op: tuple) -> tuple:
         if min(total) < 0:
             # the spec would need negative pads here; runtimes differ
             raise Skip(f"output size {target} exceeds the full transposed convolution {full}")
-        if auto == "SAME_UPPER":
-            begin = [t // 2 for t in total]
-        else:
-            begin = [t - t // 2 for t in total]
-        return tuple(begin), tuple(t - b for t, b in zip(total, begin))
+        begin, end = zip(*(same_split(t, auto) for t in total))
+        return tuple(begin), tuple(end)
     if auto == "VALID":
         return (0, 0), (0, 0)
     if auto != "NOTSET":
