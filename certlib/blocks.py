@@ -92,14 +92,24 @@ def fuse_linear_branches(node: ParallelNode):
     return fused, (np.sum([np.abs(t) for t in terms], axis=0), len(terms))
 
 
+def sqrt_taps_fro(kernel) -> float:
+    """up(sqrt(taps) ||K||_F) for a (c_out, c_in/g, kh, kw) kernel (taps = kh kw)
+    or a dense matrix (taps = 1).  It bounds the norm of the conv with kernel K
+    (any padding, stride, dilation, groups): ||conv|| <= sum over taps
+    ||K_tap||_2 <= sqrt(taps) ||K||_F, since zero-padded shifts and subsampling
+    are contractions."""
+    K = np.asarray(kernel, dtype=np.float64)
+    taps = K.shape[2] * K.shape[3] if K.ndim == 4 else 1
+    fro = float(np.linalg.norm(K.ravel())) * (1 + gamma(K.size + 2))
+    return up(up(fro * math.sqrt(taps)) * (1 + 4 * U64))
+
+
 def _sum_rounding_margin(op, terms: tuple) -> float:
     """||E||_2 for E = fl(sum of k kernels) - exact sum: |E| <= gamma_{k-1} sum|K_b|
-    entrywise (numpy's sum, any order); a conv's norm is at most sqrt(taps)
-    times its kernel's Frobenius norm (proofs/residual_fusion.md)."""
+    entrywise (numpy's sum, any order), so ||E|| <= gamma_{k-1} sqrt_taps_fro(sum|K_b|)
+    (proofs/residual_fusion.md)."""
     abs_terms, k = terms
-    taps = 1 if isinstance(op, Dense) else op.kernel.shape[2] * op.kernel.shape[3]
-    fro = float(np.linalg.norm(abs_terms.ravel())) * (1 + gamma(abs_terms.size + 2))
-    return up(fro * math.sqrt(taps) * 1.0001 * gamma(max(k - 1, 1)) * (1 + 4 * U64))
+    return up(sqrt_taps_fro(abs_terms) * 1.0001 * gamma(max(k - 1, 1)) * (1 + 4 * U64))
 
 
 def circular_conv(pad, conv):
@@ -127,11 +137,8 @@ def circular_conv(pad, conv):
 
 
 def conv_norm_cheap(op: Conv2d) -> float:
-    """||conv|| <= sum over taps ||K_tap||_2 <= sqrt(taps) ||K||_F (shifts with
-    zero padding and subsampling are contractions), rounded up."""
-    taps = op.kernel.shape[2] * op.kernel.shape[3]
-    fro = float(np.linalg.norm(op.kernel.ravel())) * (1 + gamma(op.kernel.size + 2))
-    return up(up(fro * math.sqrt(taps)) * (1 + 4 * U64))
+    """A cheap bound on ||conv||: sqrt(taps) ||K||_F, rounded up."""
+    return sqrt_taps_fro(op.kernel)
 
 
 def is_crelu(node: ParallelNode) -> bool:

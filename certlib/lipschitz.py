@@ -28,7 +28,7 @@ from certlib.verifiers.operators import Conv2d, Dense
 from certlib.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
                                _sdp_preflight, _verifier, conv_matrix)
 from certlib.blocks import (_sum_rounding_margin, circular_conv, conv_norm_cheap, is_crelu,  # noqa: F401
-                            fuse_linear_branches, selection_multiplicity)
+                            fuse_linear_branches, selection_multiplicity, sqrt_taps_fro)
 
 
 @dataclass
@@ -80,12 +80,8 @@ def split_head(g: Graph) -> int:
 def _fold_rounding_margin(op, const_err: float = 0.0) -> float:
     """||E||_2 bound for E = fl(s*K) - s*K elementwise |E| <= u |fl(s*K)|(1+u):
     a conv with kernel E has norm <= sum over taps ||E_tap||_2 <= sqrt(taps) ||E||_F."""
-    if isinstance(op, Dense):
-        w, taps = op.weight, 1
-    else:
-        w, taps = op.kernel, op.kernel.shape[2] * op.kernel.shape[3]
-    fro = float(np.linalg.norm(w.ravel())) * (1 + gamma(w.size + 2))
-    return up(fro * math.sqrt(taps) * 1.0001 * (U64 + const_err) * (1 + 4 * U64))
+    w = op.weight if isinstance(op, Dense) else op.kernel
+    return up(sqrt_taps_fro(w) * 1.0001 * (U64 + const_err) * (1 + 4 * U64))
 
 
 def _scale_vector(a: AffineNode, axis_len: int):
