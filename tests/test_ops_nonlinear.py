@@ -302,6 +302,16 @@ def _export(module, shape):
     return onnx.load_from_string(f.getvalue())
 
 
+def _check_torch(net, m, in_shape):
+    """check_model on the export, and the IR against the torch module itself."""
+    import torch
+
+    g, a, _, _ = check_model(m)
+    x = torch.rand(4, *in_shape) * 2 - 1
+    np.testing.assert_allclose(g.forward(x.numpy())[0], net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    return g, a
+
+
 def test_torch_export_activations_and_pools():
     torch = pytest.importorskip("torch")
     nn = torch.nn
@@ -312,12 +322,10 @@ def test_torch_export_activations_and_pools():
     m = _export(net, (2, 6, 6))
     ops = {n.op_type for n in m.graph.node}
     assert {"LeakyRelu", "MaxPool", "Tanh", "AveragePool", "PRelu", "Clip", "Sigmoid"} <= ops
-    g, a, lower, upper = check_model(m)
+    g, a = _check_torch(net, m, (2, 6, 6))
     assert _layer(a, "maxpool") == 3.0 and _layer(a, "sigmoid") == 0.25 and _layer(a, "tanh") == 1.0
     assert _layer(a, "leaky_relu") == 1.0 and _layer(a, "clip") == 1.0
     assert _layer(a, "prelu") == max(1.0, float(net[6].weight.detach().abs().max()))
-    x = torch.rand(4, 2, 6, 6) * 2 - 1
-    np.testing.assert_allclose(g.forward(x.numpy())[0], net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_torch_export_ceil_mode_pools():
@@ -328,10 +336,8 @@ def test_torch_export_ceil_mode_pools():
                         nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
                         nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
     m = _export(net, (2, 7, 7))
-    g, a, *_ = check_model(m)
+    g, a = _check_torch(net, m, (2, 7, 7))
     assert _layer(a, "maxpool") == 1.0
-    x = torch.rand(4, 2, 7, 7) * 2 - 1
-    np.testing.assert_allclose(g.forward(x.numpy())[0], net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_torch_export_global_pools():
@@ -344,6 +350,4 @@ def test_torch_export_global_pools():
         net = nn.Sequential(nn.Conv2d(2, 4, 3), pool, nn.Flatten(), nn.Linear(4, 3))
         m = _export(net, (2, 5, 5))
         assert keys & {n.op_type for n in m.graph.node}
-        g, a, lower, upper = check_model(m)
-        x = torch.rand(4, 2, 5, 5) * 2 - 1
-        np.testing.assert_allclose(g.forward(x.numpy())[0], net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+        _check_torch(net, m, (2, 5, 5))
