@@ -126,70 +126,80 @@ def _chain_items(nodes: list, start: int, stop: int, fold_inputs: bool = True):
         else:
             raise UnsupportedModelError(f"no Lipschitz rule for IR node {n.kind} ({n.name})")
         i += 1
-    # fold a per-channel affine directly after a linear op into its output rows
+    out = _merge_pairs(items, lambda prev, it: _fold_output_scale(nodes, prev, it))
+    if fold_inputs:
+        out = _merge_pairs(out, lambda prev, it: _fold_input_scale(nodes, prev, it))
+    return out
+
+
+def _merge_pairs(items: list, merge) -> list:
+    """One left-to-right pass: ``merge(previous item, item)`` returns the item
+    that replaces both, or None to keep them apart."""
     out = []
     for it in items:
-        prev = out[-1] if out else None
-        n = nodes[it[0][0]]
-        if (prev is not None and prev[1] is not None and isinstance(n, AffineNode)
-                and it[2] != 1.0 and not nodes[prev[0][0]].transposed):
-            op = prev[1]
-            cout = op.weight.shape[0] if isinstance(op, Dense) else op.kernel.shape[0]
-            s = _scale_vector(n, cout)
-            if s is not None and len(n.in_shape) == (1 if isinstance(op, Dense) else 3):
-                if isinstance(op, Dense):
-                    new = Dense(op.weight * s[:, None])
-                else:
-                    new = Conv2d(op.kernel * s[:, None, None, None], op.input_shape, op.stride,
-                                 op.padding, op.dilation, op.groups)
-                out[-1] = (prev[0] + it[0], new, ("folded", s, it[0][0]), prev[3] + " + affine (folded)")
-                continue
-        out.append(it)
-    return _fold_inputs(nodes, out) if fold_inputs else out
+        merged = merge(out[-1], it) if out else None
+        if merged is not None:
+            out[-1] = merged
+        else:
+            out.append(it)
+    return out
+
+
+def _fold_output_scale(nodes: list, prev, it):
+    """A per-channel affine directly after a linear op: folded into its output rows."""
+    n = nodes[it[0][0]]
+    if not (prev[1] is not None and isinstance(n, AffineNode) and it[2] != 1.0
+            and not nodes[prev[0][0]].transposed):
+        return None
+    op = prev[1]
+    cout = op.weight.shape[0] if isinstance(op, Dense) else op.kernel.shape[0]
+    s = _scale_vector(n, cout)
+    if s is None or len(n.in_shape) != (1 if isinstance(op, Dense) else 3):
+        return None
+    if isinstance(op, Dense):
+        new = Dense(op.weight * s[:, None])
+    else:
+        new = Conv2d(op.kernel * s[:, None, None, None], op.input_shape, op.stride, op.padding, op.dilation,
+                     op.groups)
+    return (prev[0] + it[0], new, ("folded", s, it[0][0]), prev[3] + " + affine (folded)")
 
 
 def _fold_circular(nodes: list, items: list) -> list:
     """Merge a wrap Pad item and the plain conv item after it into one
     circular-convolution item (factor ("circular", kernel, grid, groups))."""
-    out = []
-    for it in items:
-        prev = out[-1] if out else None
-        if (prev is not None and len(prev[0]) == 1 and len(it[0]) == 1 and it[1] is not None
+    def merge(prev, it):
+        if not (len(prev[0]) == 1 and len(it[0]) == 1 and it[1] is not None
                 and not isinstance(it[2], tuple) and not isinstance(prev[2], tuple)):
-            circ = circular_conv(nodes[prev[0][0]], nodes[it[0][0]])
-            if circ is not None:
-                out[-1] = (prev[0] + it[0], None, ("circular", *circ), "wrap pad + " + it[3] + " (circular)")
-                continue
-        out.append(it)
-    return out
+            return None
+        circ = circular_conv(nodes[prev[0][0]], nodes[it[0][0]])
+        if circ is None:
+            return None
+        return (prev[0] + it[0], None, ("circular", *circ), "wrap pad + " + it[3] + " (circular)")
+    return _merge_pairs(items, merge)
 
 
-def _fold_inputs(nodes: list, items: list) -> list:
-    """Fold a per-channel affine item into the linear item right after it
-    (its input columns: K diag(s); zero padding commutes with a per-channel
-    scale, so the pair's linear part is exactly the scaled operator)."""
-    out = []
-    for it in items:
-        prev = out[-1] if out else None
-        n = nodes[it[0][0]]
-        if (prev is not None and it[1] is not None and not isinstance(it[2], tuple)
-                and isinstance(n, LinearNode) and not n.transposed and prev[1] is None
-                and isinstance(nodes[prev[0][0]], AffineNode) and prev[2] != 1.0 and len(prev[0]) == 1):
-            a, op = nodes[prev[0][0]], it[1]
-            cin = op.weight.shape[1] if isinstance(op, Dense) else op.input_shape[0]
-            s = _scale_vector(a, cin)
-            if s is not None and len(a.in_shape) == (1 if isinstance(op, Dense) else 3):
-                if isinstance(op, Dense):
-                    new = Dense(op.weight * s[None, :])
-                else:
-                    cg, og = op.kernel.shape[1], op.kernel.shape[0] // op.groups
-                    cols = np.array([[s[(o // og) * cg + c] for c in range(cg)] for o in range(op.kernel.shape[0])])
-                    new = Conv2d(op.kernel * cols[:, :, None, None], op.input_shape, op.stride, op.padding,
-                                 op.dilation, op.groups)
-                out[-1] = (prev[0] + it[0], new, ("folded", s, prev[0][0]), "affine (folded) + " + it[3])
-                continue
-        out.append(it)
-    return out
+def _fold_input_scale(nodes: list, prev, it):
+    """A per-channel affine item directly before a linear item: folded into its
+    input columns (K diag(s); zero padding commutes with a per-channel scale,
+    so the pair's linear part is exactly the scaled operator)."""
+    n = nodes[it[0][0]]
+    if not (it[1] is not None and not isinstance(it[2], tuple) and isinstance(n, LinearNode)
+            and not n.transposed and prev[1] is None and isinstance(nodes[prev[0][0]], AffineNode)
+            and prev[2] != 1.0 and len(prev[0]) == 1):
+        return None
+    a, op = nodes[prev[0][0]], it[1]
+    cin = op.weight.shape[1] if isinstance(op, Dense) else op.input_shape[0]
+    s = _scale_vector(a, cin)
+    if s is None or len(a.in_shape) != (1 if isinstance(op, Dense) else 3):
+        return None
+    if isinstance(op, Dense):
+        new = Dense(op.weight * s[None, :])
+    else:
+        cg, og = op.kernel.shape[1], op.kernel.shape[0] // op.groups
+        cols = np.array([[s[(o // og) * cg + c] for c in range(cg)] for o in range(op.kernel.shape[0])])
+        new = Conv2d(op.kernel * cols[:, :, None, None], op.input_shape, op.stride, op.padding, op.dilation,
+                     op.groups)
+    return (prev[0] + it[0], new, ("folded", s, prev[0][0]), "affine (folded) + " + it[3])
 
 
 class _Bounder:
