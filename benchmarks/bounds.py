@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from certlib.lipschitz import analyze
+from certlib.ir.compose import analyze
 from certlib.models.liresnet import build
-from certlib.onnx_export import build_onnx
-from certlib.onnx_import import import_model
+from certlib.onnx.export import build_onnx
+from certlib.onnx.importer import import_model
 
 
 def baseline_power(model, iters: int = 500) -> tuple[float, float]:

@@ -31,8 +31,8 @@ def produce(path: str, ds, method: str):
     """certlib's own pipeline (as verify_file + --proof), timed; eps = median radius."""
     from certlib.certificate import build_certificate
     from certlib.certify import certify
-    from certlib.lipschitz import analyze
-    from certlib.onnx_import import load
+    from certlib.ir.compose import analyze
+    from certlib.onnx.importer import load
     from certlib.verify import VerifyReport, file_sha256, predict
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -52,7 +52,7 @@ def produce(path: str, ds, method: str):
 
 
 def bench(name: str, model, ds, method: str, save: str | None = None) -> dict:
-    from certlib.onnx_export import export_onnx
+    from certlib.onnx.export import export_onnx
     from certlib.proofs.checker import check
 
     with tempfile.TemporaryDirectory() as d:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from certlib.graph import Graph
+from certlib.ir.graph import Graph
 
 
 def _margin_loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ independent checker (``proofs/checker.py``, ``certlib check``) can re-prove it
 from the ONNX file alone.  Schema and the checker's proof: proofs/certificate.md.
 
 The writer re-imports the model (deterministic) to pair each composition factor
-of :func:`certlib.lipschitz.analyze` with the ONNX nodes it covers; node names
+of :func:`certlib.ir.compose.analyze` with the ONNX nodes it covers; node names
 and initializer names come from the ORIGINAL graph (before constant folding), so
 every weight must be stored as an initializer.
 """
@@ -81,7 +81,7 @@ def _proof_hint(op, method: str) -> dict:
 
 def _entry(k, ir_nodes, op, bound, method, label, onnx_nodes, inits) -> dict:
     """One composition factor: the graph nodes it covers, their initializers, geometry, recipe, bound."""
-    from certlib.graph import ActivationNode, AffineNode, LinearNode
+    from certlib.ir.graph import ActivationNode, AffineNode, LinearNode
     from certlib.verifiers.operators import Dense
 
     names = [n.name for n in ir_nodes]
@@ -131,7 +131,7 @@ CHECKED_ACTIVATIONS = ("relu", "minmax", "minmax_rev")
 def _require_certifiable(g) -> None:
     """Refuse --proof for structures the independent checker does not cover
     (the model can still be verified without --proof)."""
-    from certlib.graph import ActivationNode, IndexNode, LinearNode, ParallelNode
+    from certlib.ir.graph import ActivationNode, IndexNode, LinearNode, ParallelNode
 
     bad = []
     for n in g.nodes:
@@ -150,8 +150,8 @@ def _require_certifiable(g) -> None:
 
 def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_shape=None) -> dict:
     """The certificate (a JSON-ready dict) for a sound VerifyReport ``rep`` of ``model_path`` on ``data``."""
-    from certlib.lipschitz import _chain_items
-    from certlib.onnx_import import load
+    from certlib.ir.compose import _chain_items
+    from certlib.onnx.importer import load
 
     if not rep.sound or rep.result is None:
         raise UsageError("--proof needs sound certification (not --estimate-only)")

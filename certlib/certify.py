@@ -21,7 +21,7 @@ from fractions import Fraction
 import numpy as np
 
 from certlib.bounds import Bound, UnsoundError
-from certlib.graph import U64
+from certlib.ir.graph import U64
 
 SQRT2_UP = math.nextafter(math.sqrt(2.0), math.inf)
 

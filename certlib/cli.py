@@ -66,7 +66,7 @@ def _data(spec: str, limit: Optional[int]):
 
 
 def _method(method: str, estimate_only: bool) -> str:
-    from certlib.lipschitz import METHODS
+    from certlib.ir.compose import METHODS
 
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -169,8 +169,8 @@ def bounds(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-layer bounds as JSON."),
 ) -> None:
     """Per-layer Lipschitz bounds and the body bound (no data needed)."""
-    from certlib.lipschitz import analyze
-    from certlib.onnx_import import load
+    from certlib.ir.compose import analyze
+    from certlib.onnx.importer import load
     from certlib.report import layers_table
     from certlib.verify import file_sha256
 
@@ -293,7 +293,7 @@ def attack(
     import numpy as np
 
     from certlib.attack import empirical_lipschitz, pgd_l2
-    from certlib.onnx_import import load
+    from certlib.onnx.importer import load
     from certlib.verify import verify_graph
 
     e = _eps(eps)
@@ -337,7 +337,7 @@ def export(
     opset: int = typer.Option(18, help="ONNX opset (>= 13)."),
 ) -> None:
     """Export a LiResNet checkpoint to ONNX (plain ops, fused kernels, dynamic batch)."""
-    from certlib.onnx_export import export_onnx
+    from certlib.onnx.export import export_onnx
     from certlib.train.checkpoint import load_model
 
     model, _ = load_model(checkpoint)

@@ -15,8 +15,8 @@ import numpy as np
 from certlib import __version__
 from certlib.certify import Result, certify, estimate_vra
 from certlib.data import Dataset
-from certlib.graph import Graph
-from certlib.lipschitz import Analysis, analyze
+from certlib.ir.graph import Graph
+from certlib.ir.compose import Analysis, analyze
 
 
 @dataclass
@@ -117,7 +117,7 @@ def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exac
                 progress=None, fold_inputs: bool = True) -> VerifyReport:
     """Import and certify an ONNX file.  ``fold_inputs=False`` bounds input
     normalisation on its own, as certificates (``--proof``) require."""
-    from certlib.onnx_import import load
+    from certlib.onnx.importer import load
 
     t = time.perf_counter()
     _, g = load(path, input_shape)

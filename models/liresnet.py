@@ -6,7 +6,7 @@ LLN head -> logits``.
 
 Lipschitz numbers computed here (:meth:`LiResNet.lipschitz_estimate`) are
 power-iteration ESTIMATES from below, for training only.  Sound bounds come
-from exporting to ONNX (:func:`certlib.onnx_export.export_onnx`) and running
+from exporting to ONNX (:func:`certlib.onnx.export.export_onnx`) and running
 the verifiers.
 """
 

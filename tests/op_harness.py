@@ -7,8 +7,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from certlib.attack import empirical_lipschitz
-from certlib.lipschitz import analyze
-from certlib.onnx_import import import_model
+from certlib.ir.compose import analyze
+from certlib.onnx.importer import import_model
 
 
 def head_model(body_nodes, inits, in_shape, body_out, body_dim, classes=3, seed=0, opset=18, int_inits=None):

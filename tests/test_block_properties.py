@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from certlib.graph import AffineNode, Graph, IndexNode, LinearNode, ParallelNode, ReshapeNode
-from certlib.lipschitz import analyze
+from certlib.ir.graph import AffineNode, Graph, IndexNode, LinearNode, ParallelNode, ReshapeNode
+from certlib.ir.compose import analyze
 from certlib.verifiers.operators import Conv2d, Dense
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)

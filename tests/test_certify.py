@@ -8,7 +8,7 @@ import pytest
 
 from certlib.bounds import Bound, Estimate, UnsoundError
 from certlib.certify import certify, parse_eps
-from certlib.lipschitz import pair_constants
+from certlib.ir.compose import pair_constants
 
 B1 = Bound(1.0, "test", "exact")
 

@@ -28,8 +28,8 @@ from certlib.certificate import array_sha256, build_certificate
 from certlib.data import Dataset
 from certlib.data import load as load_data
 from certlib.models.liresnet import build
-from certlib.onnx_export import export_onnx
-from certlib.onnx_import import load as load_model
+from certlib.onnx.export import export_onnx
+from certlib.onnx.importer import load as load_model
 from certlib.proofs import checker as ck
 from certlib.proofs.checker import CheckFailed, check
 from certlib.verify import verify_file
@@ -267,7 +267,7 @@ def _extended_forward(g, x):
 
 @pytest.mark.skipif(np.finfo(np.longdouble).eps > 1e-18, reason="needs 80-bit long double")
 def test_forward_error_bounds_cover_extended_precision(fx):
-    from certlib.lipschitz import analyze
+    from certlib.ir.compose import analyze
 
     x = fx.ds.x[:64]
     ref = _extended_forward(fx.graph, x)

@@ -6,9 +6,9 @@ import pytest
 from onnx import helper
 
 from certlib.errors import UnsupportedModelError
-from certlib.graph import ParallelNode
-from certlib.lipschitz import analyze, conv_matrix, fuse_linear_branches
-from certlib.onnx_import import import_model
+from certlib.ir.graph import ParallelNode
+from certlib.ir.compose import analyze, conv_matrix, fuse_linear_branches
+from certlib.onnx.importer import import_model
 from op_harness import check_model, head_model
 
 

@@ -6,9 +6,9 @@ import ast
 import re
 from pathlib import Path
 
-import certlib.onnx_import  # noqa: F401  (registers every handler module)
-from certlib.onnx_dag import MERGE_OPS
-from certlib.onnx_ops import HANDLERS, OPSETS
+import certlib.onnx.importer  # noqa: F401  (registers every handler module)
+from certlib.onnx.walk import MERGE_OPS
+from certlib.onnx.ops import HANDLERS, OPSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "ops.md").read_text()

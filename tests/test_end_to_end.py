@@ -64,7 +64,7 @@ def test_estimate_only_is_labelled_and_not_above_bounds(trained, tmp_path):
 
 def test_certified_test_points_resist_pgd(trained):
     from certlib.attack import pgd_l2
-    from certlib.onnx_import import load
+    from certlib.onnx.importer import load
     from certlib.verify import verify_graph
 
     _, g = load(trained / "model.onnx")

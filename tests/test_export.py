@@ -1,4 +1,4 @@
-"""certlib.onnx_export: onnxruntime is the oracle for the exported graph."""
+"""certlib.onnx.export: onnxruntime is the oracle for the exported graph."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from onnx_builders import randomize
 from onnx import numpy_helper
 
 from certlib.models import PRESETS, LiResNet, LiResNetConfig, build
-from certlib.onnx_export import export_onnx
+from certlib.onnx.export import export_onnx
 
 ALLOWED_OPS = {"Sub", "Conv", "Split", "Max", "Min", "Concat", "Flatten", "Gemm"}
 SLOW_PRESETS = {"imagenet"}

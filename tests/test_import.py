@@ -10,9 +10,9 @@ import pytest
 
 from certlib.attack import empirical_lipschitz
 from certlib.errors import UnsupportedModelError, UsageError
-from certlib.graph import ActivationNode, AffineNode, LinearNode
-from certlib.lipschitz import analyze
-from certlib.onnx_import import import_model, load
+from certlib.ir.graph import ActivationNode, AffineNode, LinearNode
+from certlib.ir.compose import analyze
+from certlib.onnx.importer import import_model, load
 from onnx_builders import plain_net, unsupported_net
 
 
@@ -71,7 +71,7 @@ def test_dynamic_shape_needs_input_shape(tmp_path):
 def test_opset_versions_are_resolved_with_onnx_defs():
     from onnx import helper
 
-    from certlib.onnx_ops import Ctx, Skip, check_opset, same_interface, schema_version
+    from certlib.onnx.ops.registry import Ctx, Skip, check_opset, same_interface, schema_version
 
     # Split gained num_outputs at version 18: a different interface
     assert schema_version("Split", 18) == 18 and not same_interface("Split", 13, 18)

@@ -3,7 +3,7 @@
 import numpy as np
 from hypothesis import given, settings
 
-from certlib.lipschitz import conv_matrix
+from certlib.ir.compose import conv_matrix
 from certlib.verifiers.strategies import conv_operators
 
 
@@ -21,8 +21,8 @@ def test_three_methods_agree_on_a_digits_liresnet():
 
     from certlib.data import load
     from certlib.models.liresnet import build
-    from certlib.onnx_export import build_onnx
-    from certlib.onnx_import import import_model
+    from certlib.onnx.export import build_onnx
+    from certlib.onnx.importer import import_model
     from certlib.verify import verify_graph
 
     torch.manual_seed(0)

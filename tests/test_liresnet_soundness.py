@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from certlib.graph import ActivationNode, AffineNode, LinearNode
-from certlib.lipschitz import analyze, split_head
+from certlib.ir.graph import ActivationNode, AffineNode, LinearNode
+from certlib.ir.compose import analyze, split_head
 from certlib.models.liresnet import build
-from certlib.onnx_export import build_onnx
-from certlib.onnx_import import import_model
+from certlib.onnx.export import build_onnx
+from certlib.onnx.importer import import_model
 
 
 @pytest.fixture(scope="module")

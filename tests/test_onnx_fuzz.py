@@ -37,7 +37,7 @@ from onnx import helper
 import certlib
 from certlib.data import Dataset
 from certlib.errors import CertlibError, UsageError
-from certlib.onnx_load import input_signature, read_model
+from certlib.onnx.load import input_signature, read_model
 from certlib.verify import verify_file
 from hostile_builders import (BASES, BYTE_MUTATIONS, INPUT_SHAPES, MUTATIONS, dense_net, minmax_net, mutate,
                               mutate_bytes, set_init)
@@ -136,7 +136,7 @@ def mutant(model, seed: int) -> tuple[bytes, list]:
 
 def _oracle(path, blob: bytes, ds: Dataset, rep, eps: float, stats: Counter) -> None:
     from certlib.attack import pgd_l2
-    from certlib.onnx_import import load
+    from certlib.onnx.importer import load
 
     r = rep.result
     cert = np.flatnonzero(r.certified)
@@ -224,7 +224,7 @@ def test_mutated_models_long_run(bases, tmp_path):
 # ------------------------------------------------ known bugs, minimal reproducers
 def _refused(model) -> None:
     """verify's import step must refuse a broken model with a CertlibError."""
-    from certlib.onnx_import import import_model
+    from certlib.onnx.importer import import_model
 
     with pytest.raises(CertlibError):
         import_model(model)

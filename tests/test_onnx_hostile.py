@@ -1,7 +1,7 @@
 """Hostile and broken ONNX input (issue 5): every case is refused with a clear
 message and exit code 2 (UsageError) or 3 (UnsupportedModelError), never a
 traceback, never a certificate.  Each case is checked twice: on
-certlib.onnx_load's functions, and through ``certlib verify``."""
+certlib.onnx.load's functions, and through ``certlib verify``."""
 
 import os
 import subprocess
@@ -14,13 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from certlib import onnx_load
 from certlib.errors import UnsupportedModelError, UsageError
-from certlib.onnx_load import input_signature, read_model
+from certlib.onnx.load import input_signature, read_model
 from hostile_builders import (absurd_initializer, data_npz, dense_net, edit_external, hostile_external,
                               outside_copy, save_external, set_init, with_extra_io, with_input_dims, write)
 from onnx_builders import plain_net, unsupported_net
 
-# Cases the importer only catches once certlib.onnx_import.load goes through
-# certlib.onnx_load (read_model + input_signature): expected to XPASS after.
+# Cases the importer only catches once certlib.onnx.importer.load goes through
+# certlib.onnx.load (read_model + input_signature): expected to XPASS after.
 
 
 @pytest.fixture
@@ -327,7 +327,7 @@ def test_nan_inf_and_integer_weights(tmp_path, cli, base, init, node, value, phr
     else:
         arr.reshape(-1)[0] = np.nan if value == "nan" else np.inf
     p = write(tmp_path / "m.onnx", set_init(m, init, arr))
-    from certlib.onnx_import import import_model
+    from certlib.onnx.importer import import_model
 
     with pytest.raises(UnsupportedModelError) as ei:
         import_model(read_model(p))

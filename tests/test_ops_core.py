@@ -1,4 +1,4 @@
-"""Per-op tests for the core handlers (certlib/onnx_ops.py): each builds a
+"""Per-op tests for the core handlers (certlib/onnx/ops/core.py): each builds a
 model with onnx.helper, checks the IR forward against onnxruntime, and checks
 that the sound bound is >= the empirical Lipschitz constant an attack finds
 (tests/op_harness.py).  Branch merges (Add/Sub/Sum/Concat/Max/Min of data
@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from certlib.errors import UnsupportedModelError
-from certlib.onnx_import import import_model
+from certlib.onnx.importer import import_model
 from op_harness import check_model, head_model
 
 RNG = np.random.default_rng(7)

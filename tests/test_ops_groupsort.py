@@ -11,8 +11,8 @@ import torch
 from onnx import helper
 
 from certlib.errors import UnsupportedModelError
-from certlib.graph import ActivationNode, ParallelNode
-from certlib.onnx_import import import_model
+from certlib.ir.graph import ActivationNode, ParallelNode
+from certlib.onnx.importer import import_model
 from op_harness import check_model
 from test_ops_shape import BIG, _export, _model
 

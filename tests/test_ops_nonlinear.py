@@ -1,4 +1,4 @@
-"""Nonlinear ONNX ops (certlib/onnx_ops_nonlinear.py): each imports, matches
+"""Nonlinear ONNX ops (certlib/onnx/ops/nonlinear.py): each imports, matches
 onnxruntime, bounds soundly (empirical Lipschitz <= bound), its stage bound is
 exactly the rule of proofs/activations.md / proofs/maxpool.md, the rule is
 attained (an independent lower bound reaches it), and what cannot be
@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from certlib.bounds import up
 from certlib.errors import UnsupportedModelError
-from certlib.graph import U64, AffineNode, LinearNode
-from certlib.onnx_import import import_model
+from certlib.ir.graph import U64, AffineNode, LinearNode
+from certlib.onnx.importer import import_model
 from op_harness import check_model, head_model
 
 ort.set_default_logger_severity(3)

@@ -15,8 +15,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from certlib.errors import UnsupportedModelError
-from certlib.graph import IndexNode, LinearNode, ReshapeNode
-from certlib.onnx_import import import_model
+from certlib.ir.graph import IndexNode, LinearNode, ReshapeNode
+from certlib.onnx.importer import import_model
 from op_harness import check_model
 
 I64 = np.int64

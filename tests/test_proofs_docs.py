@@ -71,7 +71,7 @@ def test_maxpool_overlap_rule(k, s):
 
 def test_affine_rule_and_fold_margin():
     """proofs/normalisation.md: ||diag(s)|| = max|s|, and the fold margin covers fl(s K) - s K."""
-    from certlib.lipschitz import _fold_rounding_margin
+    from certlib.ir.compose import _fold_rounding_margin
     from certlib.verifiers.operators import Conv2d
 
     rng = np.random.default_rng(0)

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from certlib.attack import empirical_lipschitz, pgd_l2
 from certlib.data import Dataset, load as load_data
 from certlib.errors import UnsupportedModelError
-from certlib.graph import LinearNode, ParallelNode
+from certlib.ir.graph import LinearNode, ParallelNode
 from certlib.verifiers.operators import Dense
-from certlib.onnx_import import load
+from certlib.onnx.importer import load
 from certlib.verify import verify_file
 
 import thirdparty_models as tm

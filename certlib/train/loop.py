@@ -200,7 +200,7 @@ def _train(cfg: TrainConfig, quiet: bool, info, device) -> dict:
 
 def _finish(cfg: TrainConfig, model, out: Path, log: MetricsLog, step: int, train_seconds: float,
             show: bool) -> dict:
-    from certlib.onnx_export import export_onnx
+    from certlib.onnx.export import export_onnx
 
     model.eval()
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float()
@@ -210,7 +210,7 @@ def _finish(cfg: TrainConfig, model, out: Path, log: MetricsLog, step: int, trai
                "checkpoint": str(out / "checkpoint.safetensors"), "onnx": str(out / "model.onnx"),
                "metrics": str(out / "metrics.jsonl")}
     if cfg.verify:
-        from certlib.onnx_import import load as load_onnx
+        from certlib.onnx.importer import load as load_onnx
         from certlib.report import write_json
         from certlib.verify import file_sha256, verify_graph
 

@@ -1,6 +1,6 @@
 """Which verifier bounds a linear operator, and in which form: small
 convolutions become their exact explicit matrix (the true zero-padded norm);
-SDP size limits are checked up front.  Used by :mod:`certlib.lipschitz`."""
+SDP size limits are checked up front.  Used by :mod:`certlib.ir.compose`."""
 
 from __future__ import annotations
 

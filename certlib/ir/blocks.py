@@ -1,7 +1,7 @@
 """Bounds of merged blocks (ParallelNode) that are tighter than the generic
 composition rule: all-linear add blocks fused into one operator (SOUNDNESS.md
 rule 2; proofs/residual_fusion.md) and concats of entry selections
-(proofs/composition.md).  Used by :mod:`certlib.lipschitz`."""
+(proofs/composition.md).  Used by :mod:`certlib.ir.compose`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from certlib.bounds import up
-from certlib.graph import U64, IndexNode, LinearNode, ParallelNode, ReshapeNode, gamma
+from certlib.ir.graph import U64, IndexNode, LinearNode, ParallelNode, ReshapeNode, gamma
 from certlib.verifiers.operators import Conv2d, Dense
 
 
@@ -146,7 +146,7 @@ def is_crelu(node: ParallelNode) -> bool:
     Per entry, (relu a - relu b)^2 + (relu -a - relu -b)^2 <= (a - b)^2: with
     a, b of one sign one term is |a - b| and the other 0; with a > 0 > b it is
     a^2 + b^2 <= (a - b)^2 since -2ab >= 0 (proofs/activations.md)."""
-    from certlib.graph import ActivationNode, AffineNode
+    from certlib.ir.graph import ActivationNode, AffineNode
 
     if node.merge != "concat" or len(node.branches) != 2:
         return False

@@ -123,7 +123,7 @@ def build_onnx(model: LiResNet, opset: int = 18) -> onnx.ModelProto:
         opset_imports=[helper.make_opsetid("", opset)],
         ir_version=ir_version,
         producer_name="certlib",
-        doc_string="LiResNet exported by certlib.onnx_export (plain ops, fused residual kernels, "
+        doc_string="LiResNet exported by certlib.onnx.export (plain ops, fused residual kernels, "
         "normalised LLN head). Input in [0,1].",
     )
     helper.set_model_props(proto, {

@@ -22,12 +22,12 @@ import numpy as np
 
 from certlib.bounds import Bound, Estimate, UnsoundError, up, up_add, up_mul, up_sqrt
 from certlib.errors import UnsupportedModelError
-from certlib.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelBound, ParallelNode,
+from certlib.ir.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelBound, ParallelNode,
                            ReshapeNode, describe, gamma)
 from certlib.verifiers.operators import Conv2d, Dense
-from certlib.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
+from certlib.ir.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
                                _sdp_preflight, _verifier, conv_matrix)
-from certlib.blocks import (_sum_rounding_margin, circular_conv, conv_norm_cheap, is_crelu,  # noqa: F401
+from certlib.ir.blocks import (_sum_rounding_margin, circular_conv, conv_norm_cheap, is_crelu,  # noqa: F401
                             fuse_linear_branches, selection_multiplicity, sqrt_taps_fro)
 
 

@@ -20,7 +20,7 @@ allocation or a read outside the model's folder:
 * an input signature certlib cannot certify (:func:`input_signature`).
 
 Weights that are integers, NaN or Inf are refused per node by the op handlers
-(:mod:`certlib.onnx_ops`, exit code 3).
+(:mod:`certlib.onnx.ops.core`, exit code 3).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""ONNX -> Lipschitz IR (:mod:`certlib.graph`).
+"""ONNX -> Lipschitz IR (:mod:`certlib.ir.graph`).
 
 Steps: load and check the protobuf; fold constant subgraphs with onnxscript's
 optimizer (weight parametrisations left in the graph become constants); walk
-the graph from its input (:mod:`certlib.onnx_dag`: chains, forks and merges
+the graph from its input (:mod:`certlib.onnx.walk`: chains, forks and merges
 become the series-parallel IR) through a registry of small per-op handlers
-(:mod:`certlib.onnx_ops`, :mod:`certlib.onnx_ops_nonlinear`,
-:mod:`certlib.onnx_ops_shape`); collect EVERY unsupported node before failing
+(:mod:`certlib.onnx.ops.core`, :mod:`certlib.onnx.ops.nonlinear`,
+:mod:`certlib.onnx.ops.shape`); collect EVERY unsupported node before failing
 (one error lists them all); finally check the IR's float64 forward pass against
 onnxruntime on random inputs.  The supported operators and their Lipschitz
 rules are listed in docs/ops.md.
@@ -20,10 +20,10 @@ import onnx
 from onnx import numpy_helper
 
 from certlib.errors import Unsupported, UnsupportedModelError
-from certlib.graph import Graph
-from certlib.onnx_dag import walk
-from certlib.onnx_load import MAX_MODEL_BYTES, check_tensors, input_signature, read_model  # noqa: F401
-from certlib.onnx_ops import HANDLERS, Ctx, Skip
+from certlib.ir.graph import Graph
+from certlib.onnx.walk import walk
+from certlib.onnx.load import MAX_MODEL_BYTES, check_tensors, input_signature, read_model  # noqa: F401
+from certlib.onnx.ops import HANDLERS, Ctx, Skip
 
 
 # ------------------------------------------------------------------- load

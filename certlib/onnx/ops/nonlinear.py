@@ -1,5 +1,5 @@
 """ONNX handlers for pointwise nonlinearities and pooling (registered into
-:data:`certlib.onnx_ops.HANDLERS` on import).  Lipschitz rules: SOUNDNESS.md
+:data:`certlib.onnx.ops.registry.HANDLERS` on import).  Lipschitz rules: SOUNDNESS.md
 rule 3, proofs/activations.md, proofs/maxpool.md.
 
 * Abs, Tanh: 1.  Sigmoid: 1/4.  LeakyRelu(alpha): max(1, |alpha|).  PRelu with a
@@ -26,9 +26,9 @@ import numpy as np
 import onnx
 
 from certlib.bounds import up_sqrt
-from certlib.graph import U64, ActivationNode, AffineNode, LinearNode
-from certlib.onnx_ops import (Ctx, Skip, _attrs, _dynamic_input, _emit, _finite, _per_sample, attr_str, handler,
-                              same_split)
+from certlib.ir.graph import U64, ActivationNode, AffineNode, LinearNode
+from certlib.onnx.ops.registry import (Ctx, Skip, _attrs, _dynamic_input, _emit, _finite, _per_sample, attr_str, handler,
+                                       same_split)
 from certlib.verifiers.operators import Conv2d
 
 

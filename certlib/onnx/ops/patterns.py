@@ -1,5 +1,5 @@
 """Multi-node GroupSort-2 (MinMax) forms that exporters emit, recognised as
-one activation (finders appended to :data:`certlib.onnx_dag.PATTERNS`).
+one activation (finders appended to :data:`certlib.onnx.walk.PATTERNS`).
 
 Every form sorts disjoint pairs of entries (max first or min first).  In the
 flattened per-sample order a form is described by (P, Q): the tensor viewed as
@@ -33,9 +33,9 @@ from collections import Counter
 
 import numpy as np
 
-from certlib.graph import ActivationNode, ReshapeNode
-from certlib.onnx_ops import HANDLERS, Ctx, Skip, _attrs, _emit
-from certlib import onnx_ops_shape as shp
+from certlib.ir.graph import ActivationNode, ReshapeNode
+from certlib.onnx.ops import shape as shp
+from certlib.onnx.ops.registry import HANDLERS, PATTERNS, Ctx, Skip, _attrs, _emit
 
 PASS = ("Reshape", "Unsqueeze", "Squeeze", "Cast")  # may sit between Gather(Shape) and TopK's k
 
@@ -351,11 +351,9 @@ def _find_minmax_patterns(nodes, ctx) -> dict:
 
 
 def _register() -> None:
-    from certlib import onnx_dag
-
     for finder in (_find_minmax_patterns, _find_groupsort):
-        if finder not in onnx_dag.PATTERNS:
-            onnx_dag.PATTERNS.append(finder)
+        if finder not in PATTERNS:
+            PATTERNS.append(finder)
 
 
 _register()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from certlib.graph_eval import ACTIVATIONS, LIBM_REL, U64, _index  # noqa: F401  (re-exported)
+from certlib.ir.evaluate import ACTIVATIONS, LIBM_REL, U64, _index  # noqa: F401  (re-exported)
 from certlib.verifiers.operators import Conv2d, Dense
 
 

@@ -1,7 +1,7 @@
 """ONNX handlers for linear maps other than Conv/Gemm and for shape and index
-operations (registered into :data:`certlib.onnx_ops.HANDLERS` on import), and
-finders for multi-node MinMax forms (in :mod:`certlib.onnx_patterns`,
-registered into :data:`certlib.onnx_dag.PATTERNS`).
+operations (registered into :data:`certlib.onnx.ops.registry.HANDLERS` on import), and
+finders for multi-node MinMax forms (in :mod:`certlib.onnx.ops.patterns`,
+registered into :data:`certlib.onnx.ops.registry.PATTERNS`).
 
 Lipschitz rules (proofs/index_ops.md): Transpose, Pad (constant zero), Slice,
 SpaceToDepth and DepthToSpace move, drop or zero-pad entries, so they are
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from certlib.graph import IndexNode, LinearNode, ReshapeNode
-from certlib.onnx_ops import (Skip, _attrs, _dynamic_input, _emit, _finite, attr_str, conv_weight, handler,
-                              same_split, schema_version)
+from certlib.ir.graph import IndexNode, LinearNode, ReshapeNode
+from certlib.onnx.ops.registry import (Skip, _attrs, _dynamic_input, _emit, _finite, attr_str, conv_weight, handler,
+                                       same_split, schema_version)
 from certlib.verifiers.operators import Conv2d
 
 #: no batch is this large: a Slice end at or beyond it keeps the whole batch axis
@@ -355,6 +355,3 @@ def _conv_transpose(node, ctx) -> None:
     _emit(ctx, node, LinearNode(node.name, "ConvTranspose", ctx.shape, conv_in, op=conv, bias=bias,
                                 transposed=True, output_padding=op), conv_in)
 
-
-# the MinMax / GroupSort pattern finders register themselves into onnx_dag.PATTERNS
-from certlib import onnx_patterns  # noqa: E402,F401

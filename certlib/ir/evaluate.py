@@ -1,5 +1,5 @@
 """Float64 evaluation of the IR's index maps and activations (used by
-:mod:`certlib.graph`): each function returns its inputs moved, copied, sorted
+:mod:`certlib.ir.graph`): each function returns its inputs moved, copied, sorted
 or, for the activations listed with a nonzero relative error, computed with
 that error per entry (proofs/margin_slack.md)."""
 

@@ -1,12 +1,12 @@
-"""Walk an ONNX graph into the series-parallel IR (certlib.graph).
+"""Walk an ONNX graph into the series-parallel IR (certlib.ir.graph).
 
 The walk follows the data tensor from the graph input.  A node with one data
 input (every other input a constant) is a *unary* node: its handler from
-:data:`certlib.onnx_ops.HANDLERS` appends IR nodes.  A tensor read by several
+:data:`certlib.onnx.ops.registry.HANDLERS` appends IR nodes.  A tensor read by several
 nodes (or a Split with several outputs) is a *fork*: every reader starts a
 branch, walked until it reaches a *merge* (Add, Sub, Sum, Concat, Max, Min
 with several data inputs).  Branches that meet at one merge become one
-:class:`~certlib.graph.ParallelNode` (SOUNDNESS.md rule 3: add -> sum of the
+:class:`~certlib.ir.graph.ParallelNode` (SOUNDNESS.md rule 3: add -> sum of the
 branch bounds, concat/max/min -> root of the sum of squares); the walk then
 continues after the merge.  Graphs that are not series-parallel (a merge that
 reads a tensor from outside its block) are refused with the merge named.
@@ -23,21 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from certlib.errors import Unsupported
-from certlib.graph import IndexNode, ParallelNode
-from certlib.onnx_ops import HANDLERS, Ctx, Skip, _attrs, _dynamic_input, check_opset
+from certlib.ir.graph import IndexNode, ParallelNode
+from certlib.onnx.ops import HANDLERS, PATTERNS, Ctx, Skip, _attrs, _dynamic_input, check_opset
 
 MERGE_OPS = ("Add", "Sub", "Sum", "Concat", "Max", "Min")
 
 
 class _Abort(Exception):
     """The walk cannot continue (the problem is already recorded)."""
-
-
-#: pattern finders: f(nodes, ctx) -> {start index: (consumed indices, emit)}
-PATTERNS: list = []   # filled by certlib.onnx_patterns on import
-
-# handler modules register themselves into HANDLERS / PATTERNS on import
-from certlib import onnx_ops_nonlinear, onnx_ops_shape  # noqa: E402,F401
 
 
 @dataclass
