@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from certlib import onnx_load
+from certlib.onnx import load as onnx_load
 from certlib.errors import UnsupportedModelError, UsageError
 from certlib.onnx.load import input_signature, read_model
 from hostile_builders import (absurd_initializer, data_npz, dense_net, edit_external, hostile_external,

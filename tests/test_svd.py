@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certlib.bounds import Bound
-from certlib.verifiers import svd
+from certlib.verifiers import svd, svd_blocks
 from certlib.verifiers.operators import Conv2d, Dense
 from certlib.verifiers.strategies import conv_operators, dense_operators, weight_arrays
 
@@ -106,7 +106,7 @@ def test_1x1_conv_is_exact(op):
 @given(conv_operators(max_dense=200))
 def test_multichunk_and_blas_gram_paths(op):
     # Force the two-pass frequency sweep (small chunks) and the BLAS herk Gram path.
-    with mock.patch.object(svd, "CHUNK_ELEMS", 64), mock.patch.object(svd, "_GRAM_ZHERK_MIN", 1):
+    with mock.patch.object(svd, "CHUNK_ELEMS", 64), mock.patch.object(svd_blocks, "_GRAM_ZHERK_MIN", 1):
         b = svd.conv_bound(op)
     assert truth(op) <= b.value
     assert b.value <= svd.continuous_frequency_sup(op, oversample=1) * TIGHT
@@ -119,7 +119,7 @@ def test_fallback_without_cholesky_is_sound(op):
     def never(G, s, eG):
         return np.zeros(G.shape[0], bool), np.full(G.shape[0], np.inf)
 
-    with mock.patch.object(svd, "_chol_certify", never):
+    with mock.patch.object(svd_blocks, "_chol_certify", never):
         b = svd.conv_bound(op)
     assert truth(op) <= b.value
 

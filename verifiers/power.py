@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from certlib.bounds import Bound, Estimate, up, up_add, up_mul, up_sqrt
 
 from .operators import Conv2d, Dense, LinearOperator
-from .rump import ETA, U, DenseFamily, _pow2_rescale, down, gamma, l2_upper, prove_family
+from .family import DenseFamily, prove_family
+from .rump import ETA, U, _pow2_rescale, down, gamma, l2_upper
 
 __all__ = ["estimate", "prove", "power_bound", "MU_TWIDDLE", "ESTIMATE_SHADE",
            "DenseFamily", "ConvFamily", "family", "prove_family"]

@@ -32,7 +32,8 @@ from certlib.bounds import Bound
 
 from .operators import Conv2d, Dense, LinearOperator
 from .power import ConvFamily, family
-from .rump import DenseFamily, prove_family, real_embedding
+from .family import DenseFamily, prove_family
+from .rump import real_embedding
 
 __all__ = ["solve_norm_sdp", "sdp_bound", "check", "DEFAULT_SOLVER", "FALLBACK_SOLVER"]
 
