@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -24,6 +24,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 
 METHOD_HELP = ("Lipschitz verifier: exact (SVD / FFT blocks + rigorous margin), power (power iteration "
                "proven by a Cholesky certificate), sdp (cvxpy, re-proven).")
+DATA_HELP = ("digits | npz:PATH | cifar10:DIR | cifar100:DIR | tinyimagenet:DIR | imagenet:DIR | "
+             "imagefolder:DIR (test split).")
+
+# the options several commands share, defined once
+ModelArg = Annotated[Path, typer.Argument(help="ONNX model (one input N,C,H,W in [0,1], one logits output).")]
+DataOpt = Annotated[str, typer.Option(help=DATA_HELP)]
+EpsOpt = Annotated[str, typer.Option(help="l2 radius; fractions such as 36/255 are accepted.")]
+MethodOpt = Annotated[str, typer.Option(help=METHOD_HELP)]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N samples.")]
+InputShapeOpt = Annotated[Optional[str], typer.Option(help="C,H,W when the model's input shape is dynamic.")]
+EstimateOnlyOpt = Annotated[bool, typer.Option("--estimate-only", help=(
+    "Use raw power-iteration ESTIMATES (what published code does); reported with \"sound\": false. "
+    "Never a certificate."))]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")]
 
 
 def _shape(text: Optional[str]):
@@ -75,17 +89,15 @@ def _method(method: str, estimate_only: bool) -> str:
 
 @app.command()
 def verify(
-    model: Path = typer.Argument(..., help="ONNX model (one input N,C,H,W in [0,1], one logits output)."),
-    data: str = typer.Option("digits", help="digits | npz:PATH | cifar10:DIR | cifar100:DIR (test split)."),
-    eps: str = typer.Option(..., help="l2 radius; fractions such as 36/255 are accepted."),
-    method: str = typer.Option("exact", help=METHOD_HELP),
-    limit: Optional[int] = typer.Option(None, help="Certify only the first N samples."),
+    model: ModelArg,
+    eps: EpsOpt,
+    data: DataOpt = "digits",
+    method: MethodOpt = "exact",
+    limit: LimitOpt = None,
     batch_size: int = typer.Option(256, help="Samples per forward batch."),
-    input_shape: Optional[str] = typer.Option(None, help="C,H,W when the model's input shape is dynamic."),
-    estimate_only: bool = typer.Option(False, "--estimate-only",
-                                       help="Use raw power-iteration ESTIMATES (what published code does); "
-                                            "reported with \"sound\": false. Never a certificate."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
+    input_shape: InputShapeOpt = None,
+    estimate_only: EstimateOnlyOpt = False,
+    json_out: JsonOpt = None,
     tsv: Optional[Path] = typer.Option(None, help="Write one row per sample: idx label pred correct certified radius."),
     plot: Optional[Path] = typer.Option(None, help="Write a certified-accuracy-vs-radius PNG."),
     proof: Optional[Path] = typer.Option(None, "--proof", help="Write a certificate (JSON) that "
@@ -129,7 +141,7 @@ def verify(
 
 @app.command()
 def check(
-    model: Path = typer.Argument(..., help="ONNX model the certificate is about."),
+    model: ModelArg,
     cert: Path = typer.Argument(..., help="Certificate written by `certlib verify --proof`."),
     data: Optional[str] = typer.Option(None, help="Data spec (default: the certificate's); its first n "
                                                   "samples must hash to the certificate's data sha256."),
@@ -162,11 +174,11 @@ def check(
 
 @app.command()
 def bounds(
-    model: Path = typer.Argument(..., help="ONNX model."),
-    method: str = typer.Option("exact", help=METHOD_HELP),
-    input_shape: Optional[str] = typer.Option(None, help="C,H,W when the model's input shape is dynamic."),
-    estimate_only: bool = typer.Option(False, "--estimate-only", help="Raw power-iteration estimates (NOT SOUND)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-layer bounds as JSON."),
+    model: ModelArg,
+    method: MethodOpt = "exact",
+    input_shape: InputShapeOpt = None,
+    estimate_only: EstimateOnlyOpt = False,
+    json_out: JsonOpt = None,
 ) -> None:
     """Per-layer Lipschitz bounds and the body bound (no data needed)."""
     from certlib.ir.compose import analyze
@@ -195,9 +207,7 @@ def bounds(
 def train(
     preset: str = typer.Option("digits", help="Model + recipe preset: digits, cifar10, cifar10-l18w256, "
                                               "cifar100, cifar100-l18w256, tinyimagenet, imagenet."),
-    data: Optional[str] = typer.Option(None, help="digits | npz:PATH | cifar10:DIR | cifar100:DIR | "
-                                                  "tinyimagenet:DIR | imagenet:DIR | imagefolder:DIR "
-                                                  "(default: the preset's)."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP.replace("(test split)", "(default: the preset's)")),
     width: Optional[int] = typer.Option(None, help="Backbone width (0: the preset's)."),
     depth: Optional[int] = typer.Option(None, help="Residual blocks (0: the preset's)."),
     dense_dim: Optional[int] = typer.Option(None, help="Neck dense width (0: the preset's)."),
@@ -242,7 +252,7 @@ def train(
     plot: Optional[bool] = typer.Option(None, "--plot/--no-plot", help="Write curves.png."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify",
                                           help="Sound VRA of the exported model at the end."),
-    verify_method: Optional[str] = typer.Option(None, help=METHOD_HELP),
+    verify_method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
     verify_limit: Optional[int] = typer.Option(None, help="Test samples certified at the end (0: all)."),
 ) -> None:
     """Train a LiResNet (EMMA loss by default); writes checkpoint.safetensors, model.onnx, metrics.jsonl,
@@ -277,15 +287,15 @@ def train(
 
 @app.command()
 def attack(
-    model: Path = typer.Argument(..., help="ONNX model."),
-    data: str = typer.Option("digits", help="Data spec (test split)."),
-    eps: str = typer.Option(..., help="l2 radius (fractions such as 36/255 accepted)."),
-    method: str = typer.Option("exact", help=METHOD_HELP),
-    limit: Optional[int] = typer.Option(None, help="Attack only the first N samples."),
+    model: ModelArg,
+    eps: EpsOpt,
+    data: DataOpt = "digits",
+    method: MethodOpt = "exact",
+    limit: LimitOpt = None,
     steps: int = typer.Option(50, help="PGD steps per restart."),
     restarts: int = typer.Option(3, help="PGD restarts (the first starts at the clean point)."),
-    input_shape: Optional[str] = typer.Option(None, help="C,H,W when the model's input shape is dynamic."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the attack report as JSON."),
+    input_shape: InputShapeOpt = None,
+    json_out: JsonOpt = None,
 ) -> None:
     """Falsify certificates: PGD-l2 inside eps on every certified sample, and an
     empirical (lower) bound on the logits' Lipschitz constant.  A sound
