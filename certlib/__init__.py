@@ -5,4 +5,4 @@ Certification is the product: every Lipschitz number the certifier accepts is a
 :class:`certlib.bounds.Estimate`.
 """
 
-__version__ = "0.1.0"
+from certlib._version import __version__  # noqa: F401

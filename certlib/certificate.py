@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from certlib import __version__
+from certlib._version import __version__
 from certlib.errors import UsageError
 
 __all__ = ["FORMAT", "array_sha256", "build_certificate", "write_certificate"]
@@ -150,7 +150,7 @@ def _require_certifiable(g) -> None:
 
 def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_shape=None) -> dict:
     """The certificate (a JSON-ready dict) for a sound VerifyReport ``rep`` of ``model_path`` on ``data``."""
-    from certlib.ir.compose import _chain_items
+    from certlib.ir.compose import body_stages
     from certlib.onnx.importer import load
 
     if not rep.sound or rep.result is None:
@@ -166,7 +166,7 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
     ops = []
     if a.fold_inputs:
         raise UsageError("--proof needs the analysis without input folding (verify_file(..., fold_inputs=False))")
-    for k, (idx, op, factor, label) in enumerate(_chain_items(g.nodes, 0, a.head_index, fold_inputs=False)):
+    for k, (idx, op, factor, label) in enumerate(body_stages(g, a.head_index, fold_inputs=False)):
         nodes = [g.nodes[i] for i in idx]
         if op is not None or factor != 1.0 or nodes[0].kind == "activation":
             lb = next(layers)

@@ -1,4 +1,4 @@
-"""GloRo certification with per-pair constants (SOUNDNESS.md rule 4).
+"""GloRo certification with per-pair constants (proofs/gloro_margin.md, proofs/margin_slack.md).
 
 For a sample with float64 logits f (computed by the IR with a rigorous bound
 ``err`` on ||f_computed - f_exact||_2), predicted class y = argmax f and each

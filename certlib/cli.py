@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.console import Console
 
-from certlib import __version__
+from certlib._version import __version__
 from certlib.errors import CertlibError, ProofCheckError as ProofFailure, UsageError
 
 err_console = Console(stderr=True)

@@ -1,4 +1,4 @@
-"""User-facing errors with the exit codes of DESIGN.md.
+"""User-facing errors with the exit codes of docs/architecture.md.
 
 0 done; 2 usage error (bad flags, unreadable or malformed input);
 3 model not supported (every unsupported node listed at once);

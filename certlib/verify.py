@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from certlib import __version__
+from certlib._version import __version__
 from certlib.certify import Result, certify, estimate_vra
 from certlib.data import Dataset
 from certlib.ir.graph import Graph

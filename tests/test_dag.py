@@ -112,7 +112,7 @@ def test_proof_refuses_branching_models_clearly(tmp_path):
 
 def test_input_normalisation_is_folded_into_the_first_conv():
     """(x - mean) / std then a conv is bounded as ||K diag(1/std)||, not
-    max(1/std) * ||K|| (SOUNDNESS.md rule 3); --proof keeps them separate."""
+    max(1/std) * ||K|| (proofs/normalisation.md); --proof keeps them separate."""
     rng = np.random.default_rng(3)
     w = rng.normal(size=(3, 2, 3, 3))
     std = np.array([0.1, 1.0]).reshape(1, 2, 1, 1)

@@ -63,7 +63,7 @@ def truth(op):
 
 
 def grid_stride1(op):
-    """SOUNDNESS rule 2 for stride 1: N = max(out, n + max(pad_begin, pad_end)) per axis."""
+    """proofs/zero_padding.md for stride 1: N = max(out, n + max(pad_begin, pad_end)) per axis."""
     _, h, w = op.input_shape
     pt, pl, pb, pr = op.padding
     _, oh, ow = op.output_shape

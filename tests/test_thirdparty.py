@@ -16,7 +16,7 @@ parametrisations), export it, then check
   orthogonal layer, <= 1.01 otherwise) -- so certlib's bound lands within a
   few % of 1 on an orthogonal layer;
 * where the model's rules compose tightly, the sound bound of the whole
-  network is within 2 % of the library's claim (SOUNDNESS.md 3);
+  network is within 2 % of the library's claim (proofs/composition.md);
 * verify_file certifies some digits at eps and PGD-l2 finds no violation on
   any certified one.
 

@@ -25,7 +25,7 @@ largest block norm bounds ||op||_2:
        iff the true read s*i + d*a is, and then it is the same cell.  Crop is a
        contraction and E an isometry, so ||op|| <= ||C_N||.  N = ceil(Hp / s)
        always satisfies (b) (no read wraps); we take the smallest N that does
-       (stride 1: N = max(oh, n + max(pad_begin, pad_end)), SOUNDNESS rule 2:
+       (stride 1: N = max(oh, n + max(pad_begin, pad_end)), proofs/zero_padding.md:
        N >= n + pad, never the unpadded grid of a padded conv);
     4. the circular conv is block diagonalised by the unitary 2-D DFT:
        ||op|| <= max_{w, group} ||K_hat_g(w)||_2, K_hat(w) = sum_q K'_q e^{2 pi i <w, q/N>}.

@@ -1,6 +1,5 @@
 """Bounds of merged blocks (ParallelNode) that are tighter than the generic
-composition rule: all-linear add blocks fused into one operator (SOUNDNESS.md
-rule 2; proofs/residual_fusion.md) and concats of entry selections
+composition rule: all-linear add blocks fused into one operator (proofs/residual_fusion.md) and concats of entry selections
 (proofs/composition.md).  Used by :mod:`certlib.ir.compose`."""
 
 from __future__ import annotations

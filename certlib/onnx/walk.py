@@ -6,7 +6,7 @@ input (every other input a constant) is a *unary* node: its handler from
 nodes (or a Split with several outputs) is a *fork*: every reader starts a
 branch, walked until it reaches a *merge* (Add, Sub, Sum, Concat, Max, Min
 with several data inputs).  Branches that meet at one merge become one
-:class:`~certlib.ir.graph.ParallelNode` (SOUNDNESS.md rule 3: add -> sum of the
+:class:`~certlib.ir.graph.ParallelNode` (proofs/composition.md: add -> sum of the
 branch bounds, concat/max/min -> root of the sum of squares); the walk then
 continues after the merge.  Graphs that are not series-parallel (a merge that
 reads a tensor from outside its block) are refused with the merge named.

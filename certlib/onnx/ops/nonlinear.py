@@ -1,6 +1,6 @@
 """ONNX handlers for pointwise nonlinearities and pooling (registered into
-:data:`certlib.onnx.ops.registry.HANDLERS` on import).  Lipschitz rules: SOUNDNESS.md
-rule 3, proofs/activations.md, proofs/maxpool.md.
+:data:`certlib.onnx.ops.registry.HANDLERS` on import).  Lipschitz rules:
+proofs/activations.md, proofs/maxpool.md.
 
 * Abs, Tanh: 1.  Sigmoid: 1/4.  LeakyRelu(alpha): max(1, |alpha|).  PRelu with a
   constant slope: max(1, max|slope|).  Clip with constant bounds: 1.

@@ -8,7 +8,7 @@ SpaceToDepth and DepthToSpace move, drop or zero-pad entries, so they are
 1-Lipschitz and exact; Squeeze/Unsqueeze are reshapes (isometries);
 ConvTranspose is the adjoint of a convolution, whose norm it shares.  Anything
 that does not map exactly onto those IR nodes raises :class:`Skip` with the
-reason (SOUNDNESS.md rule 3: never guess).
+reason (proofs/composition.md: never guess).
 """
 
 from __future__ import annotations
