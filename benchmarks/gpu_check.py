@@ -2,15 +2,18 @@
 
     python benchmarks/gpu_check.py                    # on a CUDA machine (H100: ~25 s + start-up)
     python benchmarks/gpu_check.py --device cpu --quick   # tiny sizes, to test the script
+    python benchmarks/gpu_check.py --skip-imagenet --precision fp32   # the paper presets' precision
+    python benchmarks/gpu_check.py --skip-imagenet --precision bf16   # what bf16 saves (issue 16)
 
-Measures, with the trainer's own step (certlib.train.step.TrainStep: bf16
-autocast for the network, channels_last, fused AdamW, EMMA + 10 power
+Measures, with the trainer's own step (certlib.train.step.TrainStep:
+``--precision`` for the network, default auto = bf16 autocast on CUDA; the
+paper presets train in fp32), channels_last, fused AdamW, EMMA + 10 power
 iterations in strict float32 with the residual blocks batched, on a side CUDA
 stream that overlaps the forward, gradient clipping):
 
 1. cifar10 preset (L12 W512) at batch 256: images/s of the certified step and
    of a plain cross-entropy step of the same network, and their ratio;
-2. imagenet preset (L12 W588, 224 px) at batch 256: step time, images/s and
+2. imagenet preset (L18 W588, 224 px) at batch 256: step time, images/s and
    peak memory (torch.cuda.max_memory_allocated);
 3. projected GPU-hours of the paper's schedules on ONE such GPU: CIFAR 800
    epochs x 50,000 images, ImageNet 400 epochs x 1,281,167 images (data
@@ -42,6 +45,9 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+PRECISION = "auto"  # --precision
+
+
 def _setup(preset: str, overrides: dict, loss: str, dev, compile_: bool, power_iters: int = 10, **step_kw):
     from certlib.models.liresnet import LiResNet
     from certlib.train.config import build_config, preset_config
@@ -49,7 +55,7 @@ def _setup(preset: str, overrides: dict, loss: str, dev, compile_: bool, power_i
     from certlib.train.step import TrainStep, resolve_precision
 
     cfg = preset_config(preset, **overrides)
-    prec = resolve_precision("auto", dev)
+    prec = resolve_precision(PRECISION, dev)
     torch.manual_seed(0)
     model = LiResNet(build_config(cfg)).to(dev)
     cl = dev.type == "cuda"
@@ -123,7 +129,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also torch.compile the network (adds minutes)")
     ap.add_argument("--skip-imagenet", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
+                    help="the network's precision (auto: bf16 on CUDA; the paper presets' default is fp32)")
     a = ap.parse_args(argv)
+    global PRECISION
+    PRECISION = a.precision
 
     from certlib.train.distributed import pick_device
 

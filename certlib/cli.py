@@ -206,7 +206,8 @@ def bounds(
 @app.command()
 def train(
     preset: str = typer.Option("digits", help="Model + recipe preset: digits, cifar10, cifar10-l18w256, "
-                                              "cifar100, cifar100-l18w256, tinyimagenet, imagenet."),
+                                              "cifar100, cifar100-l18w256, tinyimagenet, imagenet, "
+                                              "imagenet-eps1 (the published run each reproduces: README)."),
     data: Optional[str] = typer.Option(None, help=DATA_HELP.replace("(test split)", "(default: the preset's)")),
     width: Optional[int] = typer.Option(None, help="Backbone width (0: the preset's)."),
     depth: Optional[int] = typer.Option(None, help="Residual blocks (0: the preset's)."),
@@ -219,7 +220,7 @@ def train(
     warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before the cosine decay."),
     min_lr_ratio: Optional[float] = typer.Option(None, help="Cosine decays to this fraction of --lr."),
     grad_clip: Optional[float] = typer.Option(None, help="Gradient-norm clip (0: off)."),
-    loss: Optional[str] = typer.Option(None, help="emma | margin | trades | ce."),
+    loss: Optional[str] = typer.Option(None, help="emma | margin | trades | ce (default: the preset's)."),
     eps: Optional[str] = typer.Option(None, help="Target (test) l2 eps, e.g. 36/255; training ramps "
                                                  "eps-start*eps -> eps-end*eps over the first half."),
     eps_start: Optional[float] = typer.Option(None, help="Training eps at epoch 0, as a fraction of --eps."),
@@ -238,7 +239,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0: torch's default)."),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA) | fp32 | tf32 | bf16 | fp64; power "
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA; paper presets: fp32) | fp32 | tf32 | bf16 | fp64; power "
                                                        "iteration and margins always run in float32."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="channels_last memory format (default: on for CUDA)."),

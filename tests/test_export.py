@@ -16,7 +16,7 @@ from certlib.models import PRESETS, LiResNet, LiResNetConfig, build
 from certlib.onnx.export import export_onnx
 
 ALLOWED_OPS = {"Sub", "Conv", "Split", "Max", "Min", "Concat", "Flatten", "Gemm"}
-SLOW_PRESETS = {"imagenet"}
+SLOW_PRESETS = {"imagenet", "imagenet-eps1"}
 
 
 def _randomize(model: LiResNet, seed: int = 0) -> LiResNet:

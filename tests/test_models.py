@@ -305,7 +305,7 @@ def test_pairwise_head_norms():
 def test_preset_geometry():
     p = PRESETS
     assert set(p) == {"digits", "cifar10", "cifar10-l18w256", "cifar100", "cifar100-l18w256",
-                      "tinyimagenet", "imagenet"}
+                      "tinyimagenet", "imagenet", "imagenet-eps1"}
     d = p["digits"]
     assert (d.in_channels, d.input_size, d.num_classes, d.width, d.depth, d.dense_dim) == (1, 8, 10, 32, 4, 128)
     assert (d.stem_output_size, d.neck_output_size) == (8, 2)
@@ -317,14 +317,16 @@ def test_preset_geometry():
     t = p["tinyimagenet"]
     assert (t.input_size, t.num_classes, t.stem_kernel, t.stem_stride, t.stem_padding, t.width, t.depth,
             t.dense_dim) == (64, 200, 7, 4, 3, 256, 18, 512)
-    i = p["imagenet"]
-    assert (i.input_size, i.num_classes, i.stem_kernel, i.stem_stride, i.stem_padding, i.width, i.depth,
-            i.dense_dim) == (224, 1000, 14, 14, 0, 588, 12, 2048)
-    assert round((i.width / 3) ** 0.5) == i.stem_kernel
+    for name in ("imagenet", "imagenet-eps1"):  # both published ImageNet runs are L18 W588
+        i = p[name]
+        assert (i.input_size, i.num_classes, i.stem_kernel, i.stem_stride, i.stem_padding, i.width, i.depth,
+                i.dense_dim) == (224, 1000, 14, 14, 0, 588, 18, 2048)
+        assert round((i.width / 3) ** 0.5) == i.stem_kernel
     for name, c in p.items():
         assert c.name == name and (c.neck_kernel, c.neck_stride) == (4, 4)
         if name != "digits":
             assert (c.stem_output_size, c.neck_output_size) == (16, 4), name
+        assert c.init == ("default" if name == "digits" else "orthogonal"), name
 
 
 def test_config_json_roundtrip_and_validation():
@@ -346,3 +348,19 @@ def test_build_errors_and_overrides():
     m = build("digits", width=8, depth=2)
     assert m.config.width == 8 and len(m.blocks) == 2 and PRESETS["digits"].width == 32
     assert m.stage_shapes()["neck.dense"] == (2 * 8 * 2 * 2,)
+
+
+def test_orthogonal_init_of_stem_and_neck():
+    # the paper presets start the stem and neck convs (semi-)orthogonal, as the
+    # NeurIPS'23 code snapshot does (docs/presets.md); digits keeps torch's init
+    torch.manual_seed(0)
+    m = build("cifar10", width=8, depth=1, dense_dim=8)
+    for conv in (m.stem, m.neck_conv):
+        w = conv.weight.detach().double().reshape(conv.weight.shape[0], -1)
+        g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        torch.testing.assert_close(g, torch.eye(g.shape[0], dtype=torch.float64), rtol=0, atol=1e-5)
+    d = build("digits")
+    w = d.stem.weight.detach().double().reshape(d.stem.weight.shape[0], -1)
+    assert (w.T @ w - torch.eye(w.shape[1], dtype=torch.float64)).abs().max() > 0.1
+    with pytest.raises(ValueError, match="init"):
+        LiResNetConfig(**{**PRESETS["digits"].to_dict(), "init": "xavier"})

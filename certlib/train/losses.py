@@ -3,14 +3,21 @@
 All take logits y (B, C), integer labels (B,), the margin constants K (C, C)
 (training-time: L_body estimate * ||w_i - w_j||, differentiable) and eps.
 
-* ``emma`` (Hu et al. 2023): y'_i = y_i + eps_i K_{y,i} for i != y with
-  eps_i = clip((y_y - y_i) / K_{y,i}, 0.01 eps, eps), eps_i detached;
-  loss = CE(y', y).
-* ``margin``: every eps_i = eps (the NeurIPS code's default, non-adaptive).
-* ``trades`` (GloRo TRADES): CE(y, label) + lambda * KL(P || Q) with P the
-  softmax of [y, -inf] and Q the softmax of [y, y_bot], y_bot =
-  max_{i != y}(y_i + eps K_{y,i}); KL = -log(1 - q_bot).
+* ``emma`` (the adaptive loss of the ICLR'24 follow-up code,
+  hukkai/liresnet models/margin_layer.py ``emma_loss``): y'_i = y_i + eps_i
+  K_{y,i} for i != y with eps_i = clip((y_y - y_i) / K_{y,i}, 0.01 eps, eps),
+  eps_i detached; loss = CE(y', y).
+* ``margin``: every eps_i = eps, nothing detached (the loss the NeurIPS'23
+  code snapshot trains with; hukkai/liresnet ``margin_loss``).
+* ``trades`` (GloRo TRADES, klasleino/gloro gloro/training/losses.py and
+  hukkai/liresnet ``trades_loss``): CE(y, label) + lambda * KL(P || Q) with
+  P = [softmax(y), 0] and Q the softmax of [y, y_bot], where the bottom logit
+  y_bot = max_{i != p}(y_i + eps K_{p,i}) is taken relative to the PREDICTION
+  p = argmax y (not the label); KL = -log(1 - q_bot) = lse([y, y_bot]) - lse(y).
+  Nothing is detached (both upstream versions differentiate through P).
 * ``ce``: plain cross-entropy.
+
+Which preset uses which loss, and why: docs/presets.md.
 
 ``reduction`` is "mean" (default), "sum" or "none" (per-sample losses); the
 trainer sums and divides by the GLOBAL batch size, so that DDP ranks with
@@ -60,8 +67,9 @@ def margin(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float,
 
 def trades(y: torch.Tensor, labels: torch.Tensor, K: torch.Tensor, eps: float,
            lam: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    mask = _others(labels, y.shape[1])
-    shifted = torch.where(mask, y + eps * K[labels], torch.full_like(y, float("-inf")))
+    pred = y.detach().argmax(dim=1)
+    mask = _others(pred, y.shape[1])
+    shifted = torch.where(mask, y + eps * K[pred], torch.full_like(y, float("-inf")))
     y_bot = shifted.max(dim=1, keepdim=True).values
     kl = torch.logsumexp(torch.cat([y, y_bot], dim=1), dim=1) - torch.logsumexp(y, dim=1)
     return _reduce(F.cross_entropy(y, labels, reduction="none") + lam * kl, reduction)
