@@ -141,11 +141,15 @@ def _bn(node, ctx: Ctx) -> None:
     s = gamma_ / np.sqrt(var + eps)
     shape = (-1,) + (1,) * (len(ctx.shape) - 1)
     scale, shift = s.reshape(shape), (beta - mean * s).reshape(shape)
-    # s = fl(gamma / fl(sqrt(fl(var + eps)))): <= 3 roundings, relative error < 3.01u;
-    # shift = fl(beta - fl(mean * s)): error <= (|beta| + |mean s|) (2u + 3.01u);
-    # 8u covers both relative to the magnitudes the forward recursion charges
+    # s = fl(gamma / fl(sqrt(fl(var + eps)))): <= 3 roundings, relative error < 3.01u
+    # (charged as const_err = 8u).  shift = fl(beta - fl(mean * s)) is off the exact
+    # beta - mean*s_exact by <= u|beta - m| + u|mean s| + |mean s| 3.01u/(1 - 3.01u)
+    # <= 6u (|beta| + |mean s|): charged ABSOLUTELY (under cancellation |shift|
+    # is far below it; proofs/normalisation.md, "BatchNormalization")
+    shift_err = (np.abs(beta) + np.abs(mean * s)) * (8 * U64 * (1 + 4 * U64))
     _emit(ctx, node, AffineNode(node.name, "BatchNormalization", ctx.shape, ctx.shape,
-                                scale=scale, shift=shift, const_err=8 * U64), ctx.shape)
+                                scale=scale, shift=shift, const_err=8 * U64,
+                                shift_abs_err=shift_err.reshape(shape)), ctx.shape)
 
 
 @handler("Relu")
@@ -202,7 +206,15 @@ def _reshape(node, ctx: Ctx) -> None:
 
 @handler("Identity", "Dropout")
 def _identity(node, ctx: Ctx) -> None:
-    _dynamic_input(node, ctx)
+    c = _dynamic_input(node, ctx)
+    if node.op_type == "Dropout" and int(_attrs(node).get("is_test", 1)) == 0:
+        raise Skip("Dropout with is_test=0 drops entries at random")
+    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+        mode = c[2] if len(c) > 2 else None
+        if mode is None:
+            raise Skip("Dropout with a non-constant training_mode")
+        if np.any(np.asarray(mode)):
+            raise Skip("Dropout with training_mode=1 drops entries at random (not the identity)")
     if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
         if ctx.consumers.get(node.output[1]):
             raise Skip("Dropout mask output is used")
