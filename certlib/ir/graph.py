@@ -176,9 +176,7 @@ class AffineNode(Node):
         mag = (h * s).abs() * (1 + U64) + t.abs()
         rnd = mag * ((2 * U64 + self.const_err) * (1 + 4 * U64))
         if np.any(self.shift_abs_err):
-            rnd = (rnd + torch.as_tensor(np.broadcast_to(np.asarray(self.shift_abs_err, dtype=np.float64),
-                                                         np.broadcast_shapes(np.shape(self.shift_abs_err),
-                                                                             np.shape(self.shift))))) * (1 + 2 * U64)
+            rnd = (rnd + torch.as_tensor(np.array(self.shift_abs_err, dtype=np.float64))) * (1 + 2 * U64)
         return out, _norms(rnd)
 
 

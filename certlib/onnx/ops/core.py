@@ -135,7 +135,7 @@ def _bn(node, ctx: Ctx) -> None:
     for arr, nm in ((gamma_, "scale"), (beta, "B"), (mean, "mean"), (var, "var")):
         if arr.shape != (channels,):
             raise Skip(f"{nm} has shape {arr.shape}, expected ({channels},) for input shape {ctx.shape}")
-    eps = float(_attrs(node).get("epsilon", 1e-5))
+    eps = float(_attrs(node).get("epsilon", np.float32(1e-5)))  # a float32 attribute (spec default)
     if np.any(var + eps <= 0):
         raise Skip("non-positive variance + epsilon")
     s = gamma_ / np.sqrt(var + eps)
