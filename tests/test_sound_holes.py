@@ -95,3 +95,44 @@ def test_hole2_bn_shift_cancellation():
     bn = next(n for n in import_model(m).nodes if n.name == "bn")
     # the shift's charge is relative to |beta| + |mean s| (about 0.8), not |fl(t)| (1.7e-9)
     assert float(np.max(bn.shift_abs_err)) >= 0.8 * 2.0 ** -53
+
+
+def minmax_rank(unsq_axes, in_shape):
+    """Hole 4: Split/Max/Min/Concat with axis=-3 after an Unsqueeze: on rank 5
+    axis -3 is not the channel axis, on rank 3 it is the batch axis; a 1e4 bias
+    would hide a mismatch from a tolerance relative to the output."""
+    nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], name="unsq", axes=unsq_axes),
+             helper.make_node("Split", ["u"], ["s0", "s1"], name="split", axis=-3),
+             helper.make_node("Max", ["s0", "s1"], ["mx"], name="max"),
+             helper.make_node("Min", ["s0", "s1"], ["mn"], name="min"),
+             helper.make_node("Concat", ["mx", "mn"], ["c"], name="cat", axis=-3),
+             helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "W", "b"], ["y"], name="head", transB=1)]
+    n = int(np.prod(in_shape))
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.normal(size=(2, n)), "b": [1e4, 1e4]}
+    return make_model(nodes, inits, in_shape, 2, opset=11)
+
+
+@pytest.mark.parametrize("unsq_axes,in_shape", [([4], (4, 2, 2)), ([1], (2,))])
+def test_hole4_axis_by_rank(unsq_axes, in_shape):
+    """Refused, or the IR computes what onnxruntime computes (checked on
+    differences of outputs, so the constant bias cannot mask a mismatch)."""
+    import onnxruntime as ort
+    m = minmax_rank(unsq_axes, in_shape)
+    try:
+        g = import_model(m)
+    except UnsupportedModelError as e:
+        assert "axis" in str(e)
+        return
+    x = np.random.default_rng(1).random((8, *in_shape)).astype(np.float32)
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ours, _ = g.forward(x)
+    np.testing.assert_allclose(ours - ours[:1], ref - ref[:1], atol=1e-3)
+
+
+def test_minmax_channel_axis_still_imported():
+    """axis=-3 on a rank-4 tensor is the channel axis: still one MinMax node."""
+    m = minmax_rank([3], (4, 2))  # rank 4 after the Unsqueeze: (N, 4, 2, 1)
+    g = import_model(m)
+    assert any(getattr(n, "activation", "") == "minmax" for n in g.nodes)

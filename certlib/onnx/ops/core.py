@@ -161,8 +161,10 @@ def _relu(node, ctx: Ctx) -> None:
 @handler("Flatten")
 def _flatten(node, ctx: Ctx) -> None:
     _dynamic_input(node, ctx)
-    if int(_attrs(node).get("axis", 1)) != 1:
-        raise Skip("Flatten with axis != 1 mixes the batch dimension")
+    rank = len(ctx.shape) + 1
+    ax = int(_attrs(node).get("axis", 1))  # Flatten's axis ranges over [-rank, rank]
+    if (ax + rank if -rank <= ax < 0 else ax) != 1:
+        raise Skip(f"Flatten with axis {ax} on rank {rank} does not keep the batch axis alone")
     out = (int(np.prod(ctx.shape)),)
     _emit(ctx, node, ReshapeNode(node.name, "Flatten", ctx.shape, out), out)
 

@@ -129,6 +129,31 @@ def _dynamic_input(node, ctx: Ctx, allow_const_inputs: int = 0) -> list:
     return [ctx.consts[i] if i in ctx.consts else None for i in node.input]
 
 
+def norm_axes(axes, rank: int, what: str = "axes") -> list:
+    """THE axis normaliser: ONNX axes (negative counts from the end) of a
+    tensor of ``rank`` dimensions, batch included; refuse out-of-range or
+    repeated axes.  Every axis attribute of every handler and pattern goes
+    through here (or :func:`sample_axis`), with the rank of the tensor it acts on."""
+    out = []
+    for a in axes:
+        a = int(a)
+        if not -rank <= a < rank:
+            raise Skip(f"{what} {list(axes)} out of range for rank {rank}")
+        out.append(a + rank if a < 0 else a)
+    if len(set(out)) != len(out):
+        raise Skip(f"{what} {list(axes)} repeat an axis")
+    return out
+
+
+def sample_axis(v, sample_shape: tuple, what: str = "axis") -> int:
+    """The per-sample axis index (0-based) of ONNX axis ``v`` on a tensor whose
+    per-sample shape is ``sample_shape``; the batch axis is refused."""
+    a = norm_axes([v], len(sample_shape) + 1, what)[0]
+    if a == 0:
+        raise Skip(f"{what} {int(v)} is the batch axis (rank {len(sample_shape) + 1})")
+    return a - 1
+
+
 def _emit(ctx: Ctx, node, ir_node, out_shape: tuple) -> None:
     ctx.nodes.append(ir_node)
     ctx.current = node.output[0]
