@@ -4,6 +4,7 @@ differ; a certified sample must agree with the exact prediction (oracle:
 tests/exact_oracle.py, mpmath at 600 bits on the stored initializers)."""
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -136,3 +137,33 @@ def test_minmax_channel_axis_still_imported():
     m = minmax_rank([3], (4, 2))  # rank 4 after the Unsqueeze: (N, 4, 2, 1)
     g = import_model(m)
     assert any(getattr(n, "activation", "") == "minmax" for n in g.nodes)
+
+
+def test_runtime_disagreement_is_never_certified():
+    """A sample where onnxruntime's argmax differs from certlib's prediction
+    is not certified and is reported (here the IR is tampered with after import)."""
+    m = chained_scales()
+    g = import_model(m)
+    head = g.nodes[-1]
+    head.bias = head.bias + np.array([0.0, 1e12])   # the IR now always predicts class 1; onnxruntime does not
+    x = np.array([[0.3, 0.2], [0.1, 0.1]], dtype=np.float32)   # onnxruntime: class 0 at both
+    rep = verify_graph(g, Dataset(x, np.ones(2, dtype=np.int64), "t", 2), 1e-3, "exact")
+    assert rep.runtime_disagree == [0, 1]
+    assert not rep.result.certified.any() and not rep.result.radius.any()
+    assert rep.as_json()["runtime_disagree"] == [0, 1]
+
+
+def test_self_test_not_masked_by_a_constant():
+    """The import self-test compares differences between inputs: a 1e4 bias on
+    every logit no longer hides a mismatch of order 1."""
+    from certlib.onnx.importer import check_against_runtime
+    m = chained_scales()
+    g = import_model(m)
+    g.nodes[-1].op.weight[0, 0] += 0.5     # a different function
+    g.nodes[-1].bias = g.nodes[-1].bias + 1e4
+    m2 = chained_scales()
+    for init in m2.graph.initializer:       # the runtime model carries the same 1e4
+        if init.name == "b2":
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array([2.0 ** -30 + 1e4, 1e4], dtype=np.float32), "b2"))
+    with pytest.raises(UnsupportedModelError, match="does not reproduce"):
+        check_against_runtime(m2, g)

@@ -294,6 +294,9 @@ class Graph:
     #: shapes are computed at run time): the IR is then the model run on that
     #: many samples at a time, each sample on its own
     batch: int = 0
+    #: the serialized ONNX model the IR was imported from (the runtime check on
+    #: the verification data runs it); empty when built directly
+    runtime_model: bytes = field(default=b"", repr=False)
 
     def linear_nodes(self) -> list:
         return [n for n in self.nodes if isinstance(n, LinearNode)]
