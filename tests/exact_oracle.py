@@ -27,23 +27,32 @@ def exact_logits(model, x_row) -> list:
             if op in ("Flatten", "Identity", "Dropout"):
                 out = ins[0]
             elif op in ("Gemm", "MatMul"):
-                W = np.asarray(ins[1], dtype=np.float64)
+                W = ins[1]
+                if not isinstance(W, np.ndarray):   # a weight computed by a constant node (exactly, here)
+                    W = np.array(W, dtype=object).reshape(tuple(consts.get(n.input[1] + "#shape", (len(W), 1))))
+                else:
+                    W = np.array([[mpmath.mpf(float(v)) for v in row] for row in W], dtype=object)
                 if op == "Gemm" and a.get("transB") and a["transB"].i:
                     W = W.T
                 alpha = a["alpha"].f if "alpha" in a else 1.0
-                out = [sum((mpmath.mpf(float(W[k, j])) * ins[0][k] for k in range(W.shape[0])), mpmath.mpf(0))
+                out = [sum((W[k, j] * ins[0][k] for k in range(W.shape[0])), mpmath.mpf(0))
                        * mpmath.mpf(alpha) for j in range(W.shape[1])]
                 if op == "Gemm" and len(ins) > 2:
                     beta = a["beta"].f if "beta" in a else 1.0
                     b = _vec(np.broadcast_to(ins[2], (W.shape[1],)))
                     out = [o + bi * mpmath.mpf(beta) for o, bi in zip(out, b)]
             elif op in ("Add", "Sub", "Mul", "Div"):
-                l, r = [v if isinstance(v, list) else _vec(np.broadcast_to(v, (len(ins[0] if isinstance(ins[0], list)
-                                                                                   else ins[1]),)))
-                        for v in ins]
+                if not any(isinstance(v, list) for v in ins):
+                    shp = np.broadcast_shapes(*(np.shape(v) for v in ins))
+                    l, r = (_vec(np.broadcast_to(v, shp)) for v in ins)
+                else:
+                    size = len(next(v for v in ins if isinstance(v, list)))
+                    l, r = [v if isinstance(v, list) else _vec(np.broadcast_to(v, (size,))) for v in ins]
                 f = {"Add": lambda p, q: p + q, "Sub": lambda p, q: p - q, "Mul": lambda p, q: p * q,
                      "Div": lambda p, q: p / q}[op]
                 out = [f(p, q) for p, q in zip(l, r)]
+                if not any(isinstance(v, list) for v in ins):   # a constant subgraph: keep its shape
+                    consts[n.output[0] + "#shape"] = np.broadcast_shapes(*(np.shape(v) for v in ins))
             elif op == "Neg":
                 out = [-v for v in ins[0]]
             elif op == "Relu":

@@ -167,3 +167,35 @@ def test_self_test_not_masked_by_a_constant():
             init.CopyFrom(onnx.numpy_helper.from_array(np.array([2.0 ** -30 + 1e4, 1e4], dtype=np.float32), "b2"))
     with pytest.raises(UnsupportedModelError, match="does not reproduce"):
         check_against_runtime(m2, g)
+
+
+def computed_weight(op="Div"):
+    """Hole 3: the first layer's weight is Div(ones, 3) (or Sin(ones)), a
+    constant subgraph the folder evaluates in float32: fl32(1/3) is 1e-8 off."""
+    nodes = [helper.make_node(op, ["ones", "three"] if op == "Div" else ["ones"], ["w1"], name="make_w"),
+             helper.make_node("Flatten", ["x"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "w1"], ["h"], name="fc1"),
+             helper.make_node("Sub", ["h", "c"], ["d"], name="sub"),
+             helper.make_node("Mul", ["d", "k"], ["m"], name="mul"),
+             helper.make_node("Gemm", ["m", "W2"], ["y"], name="head", transB=1)]
+    inits = {"ones": [[1.0], [1.0]], "three": [3.0], "c": [0.3333333432674408], "k": [2.0 ** 40],
+             "W2": [[1.0], [0.0]]}
+    return make_model(nodes, inits, (2,), 2)
+
+
+def test_hole3_weight_computed_in_graph():
+    m = computed_weight()   # the oracle evaluates Div(ones, 3) exactly
+    x = np.array([[1.0, 2.0 ** -30], [0.5, 0.25]], dtype=np.float32)
+    assert exact_argmax(m, x[0]) == 1
+    g = import_model(m)
+    fc1 = next(n for n in g.nodes if n.name == "fc1")
+    assert 0 < fc1.weight_rel_err < 1e-15                 # fl64(1/3) charged, not taken as exact
+    assert fc1.op.weight[0, 0] == 1.0 / 3.0               # the float64 value, not float32's
+    cert, pred = certify_model(m, x)
+    for i in np.flatnonzero(cert):
+        assert exact_argmax(m, x[i]) == pred[i]
+
+
+def test_hole3_unboundable_constant_refused():
+    with pytest.raises(UnsupportedModelError, match="make_w"):
+        import_model(computed_weight("Sin"))

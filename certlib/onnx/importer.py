@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from certlib.errors import Unsupported, UnsupportedModelError
 from certlib.ir.graph import Graph
 from certlib.onnx.walk import walk
+from certlib.onnx.const_eval import computed_constants
 from certlib.onnx.load import MAX_MODEL_BYTES, check_tensors, input_signature, read_model  # noqa: F401
 from certlib.onnx.ops import HANDLERS, Ctx, Skip
 
@@ -107,12 +108,14 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
             f"the model's batch size is fixed to {batch}: certlib runs such a model on that many samples at a "
             f"time (limit {MAX_FIXED_BATCH} samples, {MAX_FIXED_BATCH_ELEMENTS} input entries); export it with "
             "a dynamic or smaller batch")
+    source = model
     if any(n.op_type in ("Shape", "Size") for n in folded.graph.node):
         # shapes computed at run time (dynamic exports): import the model as it
         # runs on `batch` samples at a time (1 when dynamic), so that they fold
         batch = batch or 1
         runtime_model = _with_batch(model, in_name, batch)
         folded = _fold(runtime_model, shape_inference=True)
+        source = runtime_model
     ctx = Ctx(folded, opset, batch=batch)
     for init in folded.graph.initializer:
         ctx.consts[init.name] = numpy_helper.to_array(init)
@@ -126,6 +129,13 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
                 HANDLERS["Constant"](n, ctx)
             except Skip as e:
                 ctx.fail(n, str(e))
+    # constants the folder computed (in float32): their exact-arithmetic values
+    # are re-derived with an error bound, charged by the handlers that read them
+    computed, ctx.unbounded = computed_constants(source, ctx.consts)
+    for name, (v, e) in computed.items():
+        ctx.consts[name] = v
+        if np.any(e):
+            ctx.const_err[name] = e
     out_name = folded.graph.output[0].name
     ir_nodes = walk(ctx, nodes, in_name, shape, out_name, _inferred_shapes(folded))
     if not ctx.problems and ctx.current != out_name:
