@@ -61,9 +61,13 @@ def chain_model(first, ops, head_ops, x0):
        head_ops=st.lists(st.tuples(st.sampled_from(["Mul", "Add"]), st.integers(-30, 30),
                                    st.floats(1.0, 2.0, width=32), st.booleans()), max_size=2),
        xs=st.lists(st.floats(0, 1, width=32), min_size=4, max_size=4),
-       eps=st.sampled_from([0.0, 1e-30, 1e-12, 1e-3]))
-def test_affine_chains_never_certify_a_wrong_class(W1, b1, ops, head_ops, xs, eps):
+       eps=st.sampled_from([0.0, 1e-30, 1e-12, 1e-3]),
+       lossy=st.one_of(st.just(0), st.integers(20, 70)))
+def test_affine_chains_never_certify_a_wrong_class(W1, b1, ops, head_ops, xs, eps, lossy):
     x = np.array(xs, dtype=np.float32).reshape(2, 2)
+    if lossy:  # the first layer loses the 2^-lossy of sample 0 in float64: x1 + x2 - 1 at [1, 2^-lossy]
+        W1, b1 = [1.0, 1.0] + list(W1[2:]), [-1.0] + list(b1[1:])
+        x[0] = [1.0, 2.0 ** -lossy]
     m = chain_model((np.reshape(W1, (2, 2)).tolist(), b1), ops, head_ops, x[0])
     try:
         cert, pred = certify_model(m, x, eps)

@@ -6,7 +6,7 @@ For logits f = W g(x) + b:  |(f_i - f_j)(x) - (f_i - f_j)(x')| <=
 ||w_i - w_j||_2 * L_g * ||x - x'||_2, so K_ij = L_g * ||w_i - w_j||_2
 (proofs/gloro_margin.md).
 
-L_g is the upward-rounded product of one Bound per stage (SOUNDNESS.md rule 3):
+L_g is the upward-rounded product of one Bound per stage (proofs/composition.md):
 linear operators bounded by the chosen verifier, elementwise affine maps by
 max|scale| (or folded into the adjacent conv/dense, with the rounding of the
 fold added), reshapes by 1, ReLU/MinMax by 1.
@@ -278,7 +278,7 @@ class _Bounder:
             if isinstance(n0, ParallelNode):
                 value, nb = self.parallel(n0, name + "/")
                 node_bounds[idx[0]] = nb
-                how, label = "composition (SOUNDNESS.md 3)", describe(n0)
+                how, label = "composition (proofs/composition.md)", describe(n0)
             elif isinstance(factor, tuple) and factor[0] == "circular":
                 from certlib.verifiers.svd import circular_conv_bound
 
