@@ -43,6 +43,9 @@ def print_report(rep: VerifyReport, console: Console | None = None, show_layers:
         t.add_row("samples", str(r.n))
         t.add_row("clean accuracy", f"{100 * r.clean_accuracy:.2f}%")
         t.add_row("verified robust accuracy", f"[bold]{100 * r.vra:.2f}%[/]")
+        if rep.runtime_disagree:
+            t.add_row("onnxruntime disagrees (not certified)",
+                      f"[bold red]{len(rep.runtime_disagree)} sample(s): {rep.runtime_disagree[:10]}[/]")
     else:
         t.add_row("clean accuracy", f"{100 * (rep.estimated_clean or 0):.2f}%")
         t.add_row("VRA from estimates", f"[bold red]{100 * (rep.estimated_vra or 0):.2f}% (NOT SOUND)[/]")

@@ -31,6 +31,9 @@ class VerifyReport:
     estimated_vra: float | None = None
     estimated_clean: float | None = None
     seconds: dict = field(default_factory=dict)
+    #: samples where onnxruntime's argmax differs from certlib's prediction
+    #: (never certified: the IR would not describe the model that runs there)
+    runtime_disagree: list = field(default_factory=list)
 
     @property
     def sound(self) -> bool:
@@ -50,6 +53,7 @@ class VerifyReport:
             "vra": r.vra if r is not None else self.estimated_vra,
             "lipschitz": {"body": float(a.body.value), "method": a.method, "sound": a.sound},
             "layers": [lb.as_dict() for lb in a.layers],
+            "runtime_disagree": list(self.runtime_disagree),
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "certlib_version": __version__,
             "claim": ("exact-arithmetic robustness of the ONNX model's function; logits computed in float64 "
@@ -107,9 +111,24 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
     else:
         res = certify(logits, err, data.y, a.K, a.body, eps)
         rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, res)
+        rep.runtime_disagree = _runtime_veto(g, data.x, res)
     seconds["certify"] = time.perf_counter() - t
     rep.seconds = seconds
     return rep
+
+
+def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:
+    """Samples whose onnxruntime argmax differs from certlib's prediction:
+    uncertified (radius 0) and returned for the report."""
+    from certlib.onnx.importer import runtime_argmax
+
+    rt = runtime_argmax(g, x)
+    if rt is None:
+        return []
+    bad = np.flatnonzero(rt != res.pred)
+    res.certified[bad] = False
+    res.radius[bad] = 0.0
+    return [int(i) for i in bad]
 
 
 def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exact", *,

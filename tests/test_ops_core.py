@@ -139,3 +139,19 @@ def test_legacy_export_of_f_pad_folds_its_constant_of_shape(tmp_path):
     m = onnx.load_from_string(buf.getvalue())
     assert any(n.op_type == "ConstantOfShape" for n in m.graph.node) or any(n.op_type == "Pad" for n in m.graph.node)
     check_model(m)
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_dropout_training_mode_refused(mode):
+    """Dropout with training_mode=1 drops entries at random: refused, naming the
+    node; training_mode=0 is the identity."""
+    from onnx import numpy_helper
+    nodes = [helper.make_node("Constant", [], ["mode"], name="mode", value=numpy_helper.from_array(np.array(mode))),
+             helper.make_node("Dropout", ["x", "ratio", "mode"], ["d"], name="drop_train")]
+    m = head_model(nodes, {"ratio": np.array(0.5)}, (2, 2, 2), "d", 8, opset=13)
+    if mode:
+        with pytest.raises(UnsupportedModelError, match="drop_train.*training_mode"):
+            import_model(m, check_runtime=False)
+    else:
+        g = import_model(m)
+        assert [n.kind for n in g.nodes] == ["reshape", "linear"]

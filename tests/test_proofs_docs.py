@@ -69,9 +69,39 @@ def test_maxpool_overlap_rule(k, s):
     assert np.linalg.norm(pool(spike[None])) == pytest.approx(math.sqrt(c), rel=1e-15)
 
 
+def test_chained_fold_margin():
+    """proofs/margin_slack.md, "Folds": fl(fl(W s1) s2) against the exact W s1 s2
+    (Fractions), with s1 a stored Div scale off by u: the composed relative
+    error and the fold margin cover it; min|s1 s2| is bounded below."""
+    from certlib.ir.compose import _fold_rel, _fold_rounding_margin, _smin_down
+    from certlib.ir.graph import AffineNode
+    from certlib.verifiers.operators import Dense
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        W = rng.standard_normal((3, 4))
+        k = rng.uniform(1, 9, 3)                       # Div by k: stored fl(1/k), exact 1/k
+        s2 = rng.uniform(-2, 2, 3) * 2.0 ** rng.integers(-40, 40)
+        a1 = AffineNode("d", "Div", (3,), (3,), scale=1.0 / k, shift=np.zeros(3), const_err=2.0 ** -53)
+        a2 = AffineNode("m", "Mul", (3,), (3,), scale=s2, shift=np.zeros(3))
+        Wf = (W * (1.0 / k)[:, None]) * s2[:, None]
+        exact = [[Fraction(float(W[i, j])) / Fraction(float(k[i])) * Fraction(float(s2[i])) for j in range(4)]
+                 for i in range(3)]
+        rel = _fold_rel(_fold_rel(0.0, a1), a2)
+        for i in range(3):
+            for j in range(4):
+                assert abs(Fraction(float(Wf[i, j])) - exact[i][j]) <= Fraction(rel) * abs(exact[i][j])
+        E = np.array([[float(Fraction(float(Wf[i, j])) - exact[i][j]) for j in range(4)] for i in range(3)])
+        assert np.linalg.norm(E, 2) <= _fold_rounding_margin(Dense(Wf), rel)
+        smin = _smin_down(_smin_down(1.0, a1, a1.scale), a2, s2)
+        assert Fraction(smin) <= min(abs(Fraction(1) / Fraction(float(k[i])) * Fraction(float(s2[i])))
+                                     for i in range(3))
+
+
 def test_affine_rule_and_fold_margin():
     """proofs/normalisation.md: ||diag(s)|| = max|s|, and the fold margin covers fl(s K) - s K."""
     from certlib.ir.compose import _fold_rounding_margin
+    from certlib.ir.graph import compose_rel
     from certlib.verifiers.operators import Conv2d
 
     rng = np.random.default_rng(0)
@@ -87,7 +117,7 @@ def test_affine_rule_and_fold_margin():
     norm_e = np.linalg.svd(op_e.to_dense(), compute_uv=False)[0]
     lemma = math.sqrt(9) * np.linalg.norm(E)  # ||conv_E|| <= sqrt(T) ||E||_F
     assert norm_e <= lemma * (1 + 1e-12)
-    assert lemma <= _fold_rounding_margin(Conv2d(Kf, (2, 5, 5), padding=1))
+    assert lemma <= _fold_rounding_margin(Conv2d(Kf, (2, 5, 5), padding=1), compose_rel(0.0, 2.0 ** -53))
     for _ in range(20):  # the sqrt(T) lemma on random kernels and geometries
         E = rng.standard_normal((2, 2, 3, 2))
         op = Conv2d(E, (2, 5, 4), padding=(1, 0, 2, 1), stride=(1, 2))

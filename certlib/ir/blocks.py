@@ -64,7 +64,8 @@ def fuse_linear_branches(node: ParallelNode):
         return None
     ops = []
     for br in node.branches:
-        if len(br) > 1 or (br and not (isinstance(br[0], LinearNode) and not br[0].transposed)):
+        if len(br) > 1 or (br and not (isinstance(br[0], LinearNode) and not br[0].transposed
+                                       and not br[0].weight_rel_err)):
             return None
         ops.append(br[0].op if br else None)
     ref = next((o for o in ops if o is not None), None)
@@ -118,7 +119,8 @@ def circular_conv(pad, conv):
     None.  y = C_K(S x) with S a circular shift (unitary), so the pair's norm
     is the circular conv's (proofs/zero_padding.md, circular padding)."""
     if not (isinstance(pad, IndexNode) and pad.fn == "gather" and pad.params.get("mode") == "wrap"
-            and isinstance(conv, LinearNode) and isinstance(conv.op, Conv2d) and not conv.transposed):
+            and isinstance(conv, LinearNode) and isinstance(conv.op, Conv2d) and not conv.transposed
+            and not conv.weight_rel_err):
         return None
     op = conv.op
     b, e = pad.params["begin"], pad.params["end"]

@@ -23,7 +23,7 @@ import numpy as np
 from certlib.bounds import Bound, Estimate, UnsoundError, up, up_add, up_mul, up_sqrt
 from certlib.errors import UnsupportedModelError
 from certlib.ir.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelBound, ParallelNode,
-                           ReshapeNode, describe, gamma)
+                           ReshapeNode, compose_rel, describe, gamma)
 from certlib.verifiers.operators import Conv2d, Dense
 from certlib.ir.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
                                _sdp_preflight, _verifier, conv_matrix)
@@ -77,11 +77,28 @@ def split_head(g: Graph) -> int:
         "elementwise affine maps: that layer is the GloRo head")
 
 
-def _fold_rounding_margin(op, const_err: float = 0.0) -> float:
-    """||E||_2 bound for E = fl(s*K) - s*K elementwise |E| <= u |fl(s*K)|(1+u):
+def _fold_rounding_margin(op, rel: float) -> float:
+    """||E||_2 bound for E = K~ - S K, the stored folded kernel K~ against the
+    exact scaled kernel, elementwise |E| <= rel |S K| <= rel/(1-rel) |K~|
+    (``rel`` from :func:`_fold_rel`, which composes every folded scale's error):
     a conv with kernel E has norm <= sum over taps ||E_tap||_2 <= sqrt(taps) ||E||_F."""
+    if not rel < 1e-4:
+        raise UnsupportedModelError(f"folded constants carry a relative error {rel:.3g}: too large to bound")
     w = op.weight if isinstance(op, Dense) else op.kernel
-    return up(sqrt_taps_fro(w) * 1.0001 * (U64 + const_err) * (1 + 4 * U64))
+    return up(sqrt_taps_fro(w) * 1.0001 * rel * (1 + 4 * U64))
+
+
+def _fold_rel(prev_rel: float, a: AffineNode) -> float:
+    """Relative error of fl(K' * s) against the exact K * s_1 ... s_k, given
+    K' off by ``prev_rel``: one rounding u per multiplication, plus the stored
+    scale's own error (proofs/margin_slack.md, "Folds")."""
+    return compose_rel(prev_rel, compose_rel(U64, a.const_err))
+
+
+def _smin_down(prev: float, a: AffineNode, s: np.ndarray) -> float:
+    """Lower bound on min |exact s_1 ... s_k| (the folded scales' product)."""
+    m = float(np.min(np.abs(s))) * (1 - a.const_err)
+    return math.nextafter(prev * m * (1 - 4 * U64), 0.0) if m > 0 else 0.0
 
 
 def _scale_vector(a: AffineNode, axis_len: int):
@@ -100,7 +117,8 @@ def _scale_vector(a: AffineNode, axis_len: int):
 def _chain_items(nodes: list, start: int, stop: int, fold_inputs: bool = True):
     """Fold trivial and per-channel affine maps into neighbouring linear ops.
     Returns (node_indices, op_or_None, factor, label) items; a folded item's
-    factor is ("folded", s, index of the affine node).  A per-channel scale
+    factor is ("folded", lower bound on min|s_1...s_k|, indices of the affine
+    nodes, relative error of the folded kernel against the exact one).  A per-channel scale
     AFTER a linear op scales its output rows; with ``fold_inputs`` one directly
     BEFORE a linear op (input normalisation (x - mean) / std) scales its input
     columns, so the pair is bounded exactly instead of by max|1/std| * ||K||."""
@@ -161,7 +179,13 @@ def _fold_output_scale(nodes: list, prev, it):
     else:
         new = Conv2d(op.kernel * s[:, None, None, None], op.input_shape, op.stride, op.padding, op.dilation,
                      op.groups)
-    return (prev[0] + it[0], new, ("folded", s, it[0][0]), prev[3] + " + affine (folded)")
+    # a second scale after an already folded item composes with the first:
+    # the folded kernel is S_k ... S_1 W, its error every fold's rounding
+    lin = nodes[prev[0][0]]
+    rel0, smin0, aff0 = (prev[2][3], prev[2][1], prev[2][2]) if isinstance(prev[2], tuple) else \
+        (lin.weight_rel_err, 1.0, [])
+    factor = ("folded", _smin_down(smin0, n, s), aff0 + [it[0][0]], _fold_rel(rel0, n))
+    return (prev[0] + it[0], new, factor, prev[3] + " + affine (folded)")
 
 
 def _fold_circular(nodes: list, items: list) -> list:
@@ -199,7 +223,8 @@ def _fold_input_scale(nodes: list, prev, it):
         cols = np.array([[s[(o // og) * cg + c] for c in range(cg)] for o in range(op.kernel.shape[0])])
         new = Conv2d(op.kernel * cols[:, :, None, None], op.input_shape, op.stride, op.padding, op.dilation,
                      op.groups)
-    return (prev[0] + it[0], new, ("folded", s, prev[0][0]), "affine (folded) + " + it[3])
+    factor = ("folded", _smin_down(1.0, a, s), [prev[0][0]], _fold_rel(nodes[it[0][0]].weight_rel_err, a))
+    return (prev[0] + it[0], new, factor, "affine (folded) + " + it[3])
 
 
 class _Bounder:
@@ -217,7 +242,7 @@ class _Bounder:
             self.verify = _verifier(method)
         self.layers: list[LayerBound] = []
 
-    def op_bound(self, op, margin_const_err=None) -> tuple[float, str]:
+    def op_bound(self, op, margin_rel=None) -> tuple[float, str]:
         """One linear operator's bound (or Estimate value) and how it was found."""
         if self.estimate_only:
             # 500 iterations on the true operator (as published code at evaluation),
@@ -232,8 +257,8 @@ class _Bounder:
             raise UnsoundError(f"verifier {self.method} returned {type(b).__name__}, not a Bound")
         how = b.method + (" (explicit matrix)" if target is not op else "")
         value = b.value
-        if margin_const_err is not None:
-            value = up_add(value, _fold_rounding_margin(op, margin_const_err))
+        if margin_rel is not None:
+            value = up_add(value, _fold_rounding_margin(op, margin_rel))
             how += " (+fold rounding)"
         return value, how
 
@@ -265,18 +290,20 @@ class _Bounder:
             elif op is None:
                 value, how = float(factor), "rule"
             else:
-                folded = isinstance(factor, tuple)
-                value, how = self.op_bound(op, nodes[factor[2]].const_err if folded else None)
+                lin_node = next(nodes[j] for j in idx if isinstance(nodes[j], LinearNode))
+                rel = factor[3] if isinstance(factor, tuple) else lin_node.weight_rel_err
+                value, how = self.op_bound(op, rel or None)
             body = up_mul(body, value)
             if isinstance(factor, tuple) and factor[0] == "circular":
                 node_bounds[idx[0]] = n0.lipschitz
             elif not isinstance(n0, ParallelNode):
                 node_bounds[idx[0]] = value
-            if isinstance(factor, tuple) and factor[0] == "folded":  # ||A|| <= ||sA|| / min|s|
-                smin = float(np.min(np.abs(factor[1])))
-                lin = idx[1] if factor[2] == idx[0] else idx[0]
+            if isinstance(factor, tuple) and factor[0] == "folded":  # ||A|| <= ||S A|| / min|S|
+                smin = factor[1]
+                lin = next(j for j in idx if isinstance(nodes[j], LinearNode))
                 node_bounds[lin] = up(value / smin) if smin > 0 else math.inf
-                node_bounds[factor[2]] = up(nodes[factor[2]].lipschitz())
+                for j in factor[2]:  # every folded affine keeps its own bound
+                    node_bounds[j] = up(nodes[j].lipschitz())
             if op is not None or factor != 1.0 or n0.kind in ("activation", "parallel"):
                 self.layers.append(LayerBound(name, label, value, how, time.perf_counter() - t1,
                                               not self.estimate_only))
@@ -338,7 +365,7 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
     # head: dense rows, then elementwise per-class affine maps folded in
     head = g.nodes[h]
     W = head.op.weight.copy()
-    rounding = 0.0
+    rounding = head.weight_rel_err  # stored head weight vs exact (computed in the graph)
     for n in g.nodes[h + 1:]:
         node_bounds[g.nodes.index(n)] = up(n.lipschitz()) if isinstance(n, AffineNode) else 1.0
         if isinstance(n, AffineNode):
@@ -346,7 +373,7 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
             if s is None:
                 raise UnsupportedModelError("an elementwise map after the head is not per-class")
             if not np.all(np.abs(s) == 1.0) or n.const_err:
-                rounding += (U64 + n.const_err) * (1 + U64)
+                rounding = _fold_rel(rounding, n)
             W = W * s[:, None]
     node_bounds[h] = float("nan")  # filled below (the head's spectral norm is not needed)
     if estimate_only:

@@ -47,6 +47,25 @@ def gamma(n: int) -> float:
     return (nu / (1.0 - nu)) * (1.0 + 4 * U64)
 
 
+def compose_rel(a: float, b: float) -> float:
+    """Relative error of a product of two factors carrying relative errors a
+    and b: (1 + a)(1 + b) - 1 = a + b + ab, rounded up (proofs/margin_slack.md,
+    "Folds").  Every fold of several stored constants composes with this."""
+    return math.nextafter((a + b + a * b) * (1 + 4 * U64), math.inf)
+
+
+#: The rounding-error model of the IR, one entry per node kind (the forward
+#: recursion charges these in :meth:`Node.apply`; a fold of several affine maps
+#: into a linear op composes their stored-constant errors with compose_rel and
+#: adds one rounding u per multiplication; proofs/margin_slack.md):
+#:
+#: * LinearNode:  gamma_n (|W||x| + |b|)  +  weight_rel_err |W||x|  +  bias_abs_err
+#: * AffineNode:  (2u + const_err)(|s x| (1+u) + |t|)  +  shift_abs_err
+#: * ActivationNode: rel |f(x)| (table ACTIVATIONS); Reshape/Index: 0 (exact)
+#: * ParallelNode: branch errors plus gamma_{k-1} of the k-term sum
+ROUNDING_MODEL = "proofs/margin_slack.md"
+
+
 def _zero(h: torch.Tensor, track: bool):
     return torch.zeros(h.shape[0], dtype=h.dtype) if track else None
 
@@ -89,6 +108,11 @@ class LinearNode(Node):
     #: the same; the output has ``op.input_shape``.
     transposed: bool = False
     output_padding: tuple = (0, 0)
+    #: elementwise relative error of the stored weight against the model's
+    #: exact weight (a weight computed inside the graph; 0 when copied)
+    weight_rel_err: float = 0.0
+    #: elementwise absolute error bound of the stored bias (0 when copied)
+    bias_abs_err: np.ndarray | float = 0.0
 
     def terms(self) -> int:
         """Number of products in each output's dot product (+1 for the bias)."""
@@ -111,7 +135,16 @@ class LinearNode(Node):
         # from non-negative terms, so divide by (1 - gamma_n).
         g = gamma(self.terms())
         mag = _linear(self, h.abs(), None if b is None else b.abs(), absolute=True)
-        return out, _norms(mag * (g / (1 - g)) * (1 + g), 2 * self.terms())
+        rnd = mag * (g / (1 - g)) * (1 + g)
+        if self.weight_rel_err or np.any(self.bias_abs_err):
+            # stored weight/bias off the exact ones: |dW||x| + |db| (x exact here)
+            wmag = _linear(self, h.abs(), None, absolute=True)
+            rnd = rnd + wmag * (self.weight_rel_err * (1 + 2 * g))
+            if np.any(self.bias_abs_err):
+                be = torch.as_tensor(np.asarray(self.bias_abs_err, dtype=np.float64))
+                rnd = rnd + (be.reshape(1, -1) if isinstance(self.op, Dense) else be.reshape(1, -1, 1, 1))
+            rnd = rnd * (1 + 4 * U64)
+        return out, _norms(rnd, 2 * self.terms())
 
 
 @dataclass
@@ -122,6 +155,10 @@ class AffineNode(Node):
     #: exact constants (e.g. fl(1/k) for Div, fl(gamma/sqrt(var+eps)) for BN);
     #: 0 when they are copied exactly
     const_err: float = 0.0
+    #: elementwise absolute error bound of the stored shift against the exact
+    #: one, charged on its own: a shift computed under cancellation (BN's
+    #: beta - mean*s) is off by u(|beta| + |mean s|), not u|shift|
+    shift_abs_err: np.ndarray | float = 0.0
 
     def lipschitz(self) -> float:
         """Upper bound on max|exact scale|."""
@@ -137,7 +174,10 @@ class AffineNode(Node):
         # fl(fl(s*x) + t): each op relative error <= u; plus the error of the
         # stored constants against the exact ones (const_err)
         mag = (h * s).abs() * (1 + U64) + t.abs()
-        return out, _norms(mag * ((2 * U64 + self.const_err) * (1 + 4 * U64)))
+        rnd = mag * ((2 * U64 + self.const_err) * (1 + 4 * U64))
+        if np.any(self.shift_abs_err):
+            rnd = (rnd + torch.as_tensor(np.array(self.shift_abs_err, dtype=np.float64))) * (1 + 2 * U64)
+        return out, _norms(rnd)
 
 
 @dataclass
@@ -254,6 +294,9 @@ class Graph:
     #: shapes are computed at run time): the IR is then the model run on that
     #: many samples at a time, each sample on its own
     batch: int = 0
+    #: the serialized ONNX model the IR was imported from (the runtime check on
+    #: the verification data runs it); empty when built directly
+    runtime_model: bytes = field(default=b"", repr=False)
 
     def linear_nodes(self) -> list:
         return [n for n in self.nodes if isinstance(n, LinearNode)]
@@ -340,4 +383,4 @@ def describe(node: Node) -> str:
 
 
 __all__ = ["Graph", "Node", "LinearNode", "AffineNode", "ReshapeNode", "IndexNode", "ActivationNode",
-           "ParallelNode", "ParallelBound", "ACTIVATIONS", "gamma", "U64", "LIBM_REL", "describe"]
+           "ParallelNode", "ParallelBound", "ACTIVATIONS", "gamma", "compose_rel", "U64", "LIBM_REL", "describe"]

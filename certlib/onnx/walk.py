@@ -25,6 +25,7 @@ import numpy as np
 from certlib.errors import Unsupported
 from certlib.ir.graph import IndexNode, ParallelNode
 from certlib.onnx.ops import HANDLERS, PATTERNS, Ctx, Skip, _attrs, _dynamic_input, check_opset
+from certlib.onnx.ops.registry import sample_axis
 
 MERGE_OPS = ("Add", "Sub", "Sum", "Concat", "Max", "Min")
 
@@ -76,8 +77,8 @@ class Walker:
                 raise Skip(f"custom domain {node.domain!r}")
             elif node.op_type in ("Softmax", "LogSoftmax") and node.output[0] == self.out_name:
                 _dynamic_input(node, ctx)
-                axis = int(_attrs(node).get("axis", 1 if ctx.opset < 13 else -1))
-                if len(ctx.shape) != 1 or axis not in (1, -1):
+                axis = _attrs(node).get("axis", 1 if ctx.opset < 13 else -1)
+                if len(ctx.shape) != 1 or sample_axis(axis, ctx.shape, f"{node.op_type} axis") != 0:
                     raise Skip(f"final {node.op_type} must act on a vector of logits (shape {ctx.shape}, "
                                f"axis {axis})")
                 ctx.current = node.output[0]  # dropped: argmax unchanged
@@ -116,11 +117,7 @@ class Walker:
         try:
             c = _dynamic_input(node, ctx)
             a = _attrs(node)
-            rank = len(ctx.shape)
-            axis = int(a.get("axis", 0))
-            axis = axis + rank + 1 if axis < 0 else axis
-            if axis == 0 or axis > rank:
-                raise Skip("Split along the batch axis")
+            axis = sample_axis(a.get("axis", 0), ctx.shape, "Split axis") + 1
             dim = ctx.shape[axis - 1]
             if len(c) > 1 and c[1] is not None:
                 sizes = [int(v) for v in np.asarray(c[1]).reshape(-1)]
@@ -257,10 +254,9 @@ class Walker:
                                     merge=merge, signs=signs)
             if op == "Concat":
                 rank = len(shapes[0])
-                axis = int(_attrs(node).get("axis", 0))
-                axis = axis + rank + 1 if axis < 0 else axis
-                if axis == 0 or axis > rank or any(len(s) != rank for s in shapes):
-                    raise Skip("Concat along the batch axis or of tensors of different rank")
+                if any(len(s) != rank for s in shapes):
+                    raise Skip("Concat of tensors of different rank")
+                axis = sample_axis(_attrs(node).get("axis", 0), shapes[0], "Concat axis") + 1
                 if any(s[:axis - 1] + s[axis:] != shapes[0][:axis - 1] + shapes[0][axis:] for s in shapes):
                     raise Skip(f"Concat of incompatible shapes {shapes}")
                 out = list(shapes[0])

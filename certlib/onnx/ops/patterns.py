@@ -35,7 +35,7 @@ import numpy as np
 
 from certlib.ir.graph import ActivationNode, ReshapeNode
 from certlib.onnx.ops import shape as shp
-from certlib.onnx.ops.registry import HANDLERS, PATTERNS, Ctx, Skip, _attrs, _emit
+from certlib.onnx.ops.registry import HANDLERS, PATTERNS, Ctx, Skip, _attrs, _emit, sample_axis
 
 PASS = ("Reshape", "Unsqueeze", "Squeeze", "Cast")  # may sit between Gather(Shape) and TopK's k
 
@@ -177,11 +177,9 @@ def _reshaped(node, ctx, shape: tuple) -> tuple:
 
 
 def _axis(v, rank: int, what: str) -> int:
-    """A per-sample axis index (0-based) from an ONNX axis of a rank-``rank`` tensor."""
-    a = shp.norm_axes([v], rank, what)[0]
-    if a == 0:
-        raise Skip(f"{what} is the batch axis")
-    return a - 1
+    """A per-sample axis index (0-based) from an ONNX axis of a rank-``rank``
+    tensor (batch included): :func:`registry.sample_axis`."""
+    return sample_axis(v, (0,) * (rank - 1), what)
 
 
 def _emit_form(ctx, nodes, src, r1, r2, final, info) -> None:
@@ -242,8 +240,9 @@ def _emit_form(ctx, nodes, src, r1, r2, final, info) -> None:
             sh, gi = gather
             sa = _attrs(nodes[sh])
             idx = shp._ints(ctx.consts[nodes[gi].input[1]], "Gather index")
-            if int(sa.get("start", 0)) != 0 or "end" in sa or int(_attrs(nodes[gi]).get("axis", 0)) != 0 \
-                    or len(idx) != 1 or _axis(idx[0], rank, "Gather index") != j:
+            gax = shp.norm_axes([_attrs(nodes[gi]).get("axis", 0)], 1, "Gather axis")  # a 1-D shape tensor
+            if int(sa.get("start", 0)) != 0 or "end" in sa or gax != [0] or len(idx) != 1 \
+                    or _axis(idx[0], rank, "Gather index") != j:
                 raise Skip("TopK's k is not the size of its axis")
         else:
             k = a.get("k") if shp._version(n, ctx) < 10 else ctx.consts.get(n.input[1])
@@ -294,7 +293,7 @@ def _find_minmax(nodes: list, ctx: Ctx) -> dict:
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     found = {}
     for ci, n in enumerate(nodes):
-        if n.op_type != "Concat" or len(n.input) != 2 or _attrs(n).get("axis") not in (1, -3):
+        if n.op_type != "Concat" or len(n.input) != 2:
             continue
         p = [producer.get(t) for t in n.input]
         if None in p:
@@ -313,8 +312,6 @@ def _find_minmax(nodes: list, ctx: Ctx) -> dict:
         if sp.op_type != "Split" or len(sp.output) != 2 or set(sp.output) != set(mx.input):
             continue
         a = _attrs(sp)
-        if a.get("axis", 0) not in (1, -3):
-            continue
         if len(sp.input) > 1 and sp.input[1]:
             sizes = ctx.consts.get(sp.input[1])
             if sizes is None or len(set(np.asarray(sizes).tolist())) != 1:
@@ -326,13 +323,19 @@ def _find_minmax(nodes: list, ctx: Ctx) -> dict:
         if any(len(ctx.consumers.get(t, [])) != (2 if t in sp.output else 1) for t in inner):
             continue
         order = "maxmin" if kinds[0] == "Max" else "minmax"
-        found[ci] = ({si, producer[mx.output[0]], producer[mn.output[0]]}, sp.input[0], order)
+        # the axes are checked against the rank of the tensor in _minmax
+        axes = (int(a.get("axis", 0)), int(_attrs(n).get("axis", 0)))
+        found[ci] = ({si, producer[mx.output[0]], producer[mn.output[0]]}, sp.input[0], order, axes)
     return found
 
 
-def _minmax(node, ctx: Ctx, src: str, order: str) -> None:
+def _minmax(node, ctx: Ctx, src: str, order: str, axes: tuple) -> None:
     if src != ctx.current:
         raise Skip("MinMax is not on the main chain")
+    split_ax, cat_ax = (sample_axis(v, ctx.shape, w) for v, w in zip(axes, ("Split axis", "Concat axis")))
+    if split_ax != 0 or cat_ax != 0:
+        raise Skip(f"MinMax Split/Concat axes {list(axes)} are not the channel axis of a tensor of shape "
+                   f"{ctx.shape}")
     if not ctx.shape or ctx.shape[0] % 2:
         raise Skip(f"MinMax needs an even channel count, got shape {ctx.shape}")
     act = ActivationNode(node.name or "minmax", "MinMax", ctx.shape, ctx.shape,
@@ -343,10 +346,10 @@ def _minmax(node, ctx: Ctx, src: str, order: str) -> None:
 def _find_minmax_patterns(nodes, ctx) -> dict:
     """start node index -> (consumed node indices, emit(ctx) function)."""
     out = {}
-    for ci, (consumed, src, order) in _find_minmax(nodes, ctx).items():
+    for ci, (consumed, src, order, axes) in _find_minmax(nodes, ctx).items():
         start = next(i for i in consumed if nodes[i].op_type == "Split")
         concat = nodes[ci]
-        out[start] = (consumed | {ci}, lambda c, n=concat, s=src, o=order: _minmax(n, c, s, o))
+        out[start] = (consumed | {ci}, lambda c, n=concat, s=src, o=order, a=axes: _minmax(n, c, s, o, a))
     return out
 
 

@@ -37,6 +37,11 @@ class Ctx:
     #: the batch size the model is imported at (0: any); a Reshape target
     #: whose first entry equals it keeps every sample apart (row-major)
     batch: int = 0
+    #: constant name -> elementwise absolute error bound of its stored value
+    #: (computed inside the graph; certlib.onnx.const_eval)
+    const_err: dict = field(default_factory=dict)
+    #: constant name -> why its folding error cannot be bounded
+    unbounded: dict = field(default_factory=dict)
 
     def const(self, name: str):
         return self.consts.get(name)
@@ -126,7 +131,62 @@ def _dynamic_input(node, ctx: Ctx, allow_const_inputs: int = 0) -> list:
                    if len(dyn) > 1 else "has no non-constant input")
     if dyn[0] != ctx.current:
         raise Skip("does not read the tensor being walked (internal error: please report)")
+    for i in node.input:
+        if i in ctx.unbounded:
+            raise Skip(ctx.unbounded[i])
+        if i in ctx.const_err and node.op_type not in CHARGES_CONST_ERR:
+            raise Skip(f"constant {i!r} is computed inside the graph (error up to "
+                       f"{float(np.max(ctx.const_err[i])):.3g}) and {node.op_type} cannot charge its error")
     return [ctx.consts[i] if i in ctx.consts else None for i in node.input]
+
+
+#: handlers that charge the error of a constant computed inside the graph
+#: (Ctx.const_err; proofs/normalisation.md, "Constants computed in the graph")
+CHARGES_CONST_ERR = ("Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div")
+
+
+def const_err(ctx: Ctx, node, k: int):
+    """The absolute error bound of node's k-th (constant) input: 0 when stored exactly."""
+    return ctx.const_err.get(node.input[k], 0.0) if k < len(node.input) else 0.0
+
+
+def rel_err(err, value: np.ndarray, node, what: str) -> float:
+    """max err/|value| (an elementwise relative bound); refuse an error on a zero entry."""
+    err = np.broadcast_to(np.asarray(err, dtype=np.float64), np.shape(value))
+    if not np.any(err):
+        return 0.0
+    v = np.abs(np.asarray(value, dtype=np.float64))
+    if np.any((v == 0) & (err > 0)):
+        raise Skip(f"{what} is computed inside the graph with an error on an entry equal to 0")
+    r = float(np.max(np.where(err > 0, err / np.where(v > 0, v, 1.0), 0.0))) * (1 + 4 * 2.0 ** -53)
+    if not r < 1e-4:
+        raise Skip(f"{what} is computed inside the graph with a relative error {r:.3g}")
+    return r
+
+
+def norm_axes(axes, rank: int, what: str = "axes") -> list:
+    """THE axis normaliser: ONNX axes (negative counts from the end) of a
+    tensor of ``rank`` dimensions, batch included; refuse out-of-range or
+    repeated axes.  Every axis attribute of every handler and pattern goes
+    through here (or :func:`sample_axis`), with the rank of the tensor it acts on."""
+    out = []
+    for a in axes:
+        a = int(a)
+        if not -rank <= a < rank:
+            raise Skip(f"{what} {list(axes)} out of range for rank {rank}")
+        out.append(a + rank if a < 0 else a)
+    if len(set(out)) != len(out):
+        raise Skip(f"{what} {list(axes)} repeat an axis")
+    return out
+
+
+def sample_axis(v, sample_shape: tuple, what: str = "axis") -> int:
+    """The per-sample axis index (0-based) of ONNX axis ``v`` on a tensor whose
+    per-sample shape is ``sample_shape``; the batch axis is refused."""
+    a = norm_axes([v], len(sample_shape) + 1, what)[0]
+    if a == 0:
+        raise Skip(f"{what} {int(v)} is the batch axis (rank {len(sample_shape) + 1})")
+    return a - 1
 
 
 def _emit(ctx: Ctx, node, ir_node, out_shape: tuple) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from certlib.ir.graph import IndexNode, LinearNode, ReshapeNode
 from certlib.onnx.ops.registry import (Skip, _attrs, _dynamic_input, _emit, _finite, attr_str, conv_weight, handler,
                                        same_split, schema_version)
+from certlib.onnx.ops.registry import norm_axes, sample_axis  # noqa: F401  (the one axis normaliser)
 from certlib.verifiers.operators import Conv2d
 
 #: no batch is this large: a Slice end at or beyond it keeps the whole batch axis
@@ -52,20 +53,6 @@ def _inputs(node, ctx, params: dict) -> list:
 def _opt(node, c, k):
     """Optional constant input k, or None when absent."""
     return c[k] if len(node.input) > k and node.input[k] else None
-
-
-def norm_axes(axes, rank: int, what: str = "axes") -> list:
-    """Normalise ONNX axes (negative counts from the end) for a tensor of
-    ``rank`` dimensions, batch included; refuse out-of-range or repeated axes."""
-    out = []
-    for a in axes:
-        a = int(a)
-        if not -rank <= a < rank:
-            raise Skip(f"{what} {list(axes)} out of range for rank {rank}")
-        out.append(a + rank if a < 0 else a)
-    if len(set(out)) != len(out):
-        raise Skip(f"{what} {list(axes)} repeat an axis")
-    return out
 
 
 def axes_of(node, ctx, c, since: int, k: int = 1):
