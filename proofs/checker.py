@@ -27,6 +27,16 @@ import onnx
 from onnx import numpy_helper
 
 FORMAT = "certlib-certificate/1"
+#: the texts that say what is claimed: a certificate must carry exactly these (proofs/certificate.md)
+TEXTS = {
+    ("claim",): "For every sample with certified=true and every input x' with ||x' - x||_2 <= eps, and for every "
+                "sample and every x' with ||x' - x||_2 < radius, the ONNX model's function in exact real arithmetic "
+                "(weights as stored) predicts pred.",
+    ("data", "hash_rule"): "sha256(x as float32 C-order bytes, then y as int64 bytes)",
+    ("composition", "rule"): "L = 1; for k in order: L = nextafter(L * operators[k].bound, +inf)",
+    ("head", "K_rule"): "K[i][j] >= L_body * ||w_i - w_j||_2, w_i the rows of the recipe's weight",
+    ("margin_rule",): "margins[j] <= f_pred - f_j in exact arithmetic (null at j = pred or when not finite)",
+}
 U, ETA = 2.0 ** -53, 2.0 ** -1074   # unit roundoff; smallest subnormal (bounds any underflow error)
 TW = 16 * U                         # error of one computed twiddle (proofs/certificate.md)
 SAFETY = 2.0                        # multiplies Rump's shift c (blocked dpotrf; proofs/rump.md)
@@ -410,8 +420,10 @@ def match(name, op, stages, pos, consts):
     if set(got) != set(want):
         fail(name, f"lists initializers {sorted(got)}, the graph uses {sorted(want)}")
     for k, v in want.items():
-        if (got[k] or {}).get("sha256") != sha(v):
-            fail(name, f"sha256 of initializer {k!r} does not match the model")
+        if got[k] != {"sha256": sha(v), "dtype": str(v.dtype), "shape": list(v.shape)}:
+            fail(name, f"sha256, dtype or shape of initializer {k!r} does not match the model")
+    if set(geo) - {"proof"} != set(head["geo"]):                  # proof: a hint (which family to prove on)
+        fail(name, f"geometry lists {sorted(geo)}, the graph's node has {sorted(head['geo'])}")
     for k, v in head["geo"].items():
         if geo.get(k) != v:
             fail(name, f"geometry {k} = {geo.get(k)} but the graph has {v}")
@@ -421,14 +433,20 @@ def match(name, op, stages, pos, consts):
         return sts, None, 0
     steps = head["recipe"] + [{"step": "fold", "op": s["op"], "initializer": s["recipe"][0]["initializer"]}
                               for s in rest]
+    if [s.get("node") for s in op.get("recipe") or [] if s.get("step") == "fold"] != [s["name"] for s in rest]:
+        fail(name, "the recipe's fold steps do not name the folded graph nodes in order")
     mine, theirs = build(steps, consts, name), build(op.get("recipe") or [], consts, name)
     if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
         fail(name, "the recipe does not rebuild the operator the graph computes")
     return sts, mine, len(rest)
 
 
-def check(model_bytes: bytes, cert: dict, x=None, y=None) -> dict:
-    """Re-verify `cert` for the ONNX model `model_bytes` (and the data x, y); raises CheckFailed."""
+def check(model_bytes: bytes, cert: dict, x=None, y=None, *, bounds_only: bool = False) -> dict:
+    """Re-verify `cert` for the ONNX model `model_bytes` and the data x, y; raises CheckFailed.
+    Without data only ``bounds_only=True`` is accepted: then the model, the operator bounds, the
+    composition and K are proven for the certificate's input shape, and no sample claim is checked."""
+    if (x is None) != (y is None) or (x is None) != bool(bounds_only):
+        raise ValueError("check() needs the data (x, y), or no data and bounds_only=True (samples not checked)")
     try:                                  # one BLAS thread: threaded LAPACK crawls on shared cores (speed only)
         from threadpoolctl import threadpool_limits
         limit = threadpool_limits(1)
@@ -441,18 +459,45 @@ def check(model_bytes: bytes, cert: dict, x=None, y=None) -> dict:
             raise CheckFailed("certificate", f"malformed or unsupported ({type(e).__name__}: {e})") from None
 
 
+def sample_shape(model, cert, x) -> tuple:
+    """The per-sample input shape: the data's (with data), else the certificate's; either must fit the
+    model's declared input and equal the certificate's ``model.input_shape``."""
+    g, claimed = model.graph, cert["model"]["input_shape"]
+    inp = [i for i in g.input if i.name not in {t.name for t in g.initializer}]
+    if len(inp) != 1 or len(g.output) != 1:
+        fail("model", "needs exactly one input and one output")
+    if cert["model"].get("input") != inp[0].name or cert["model"].get("output") != g.output[0].name:
+        fail("model", "input / output names differ from the graph's")
+    shape = tuple(int(v) for v in (x.shape[1:] if x is not None else claimed))
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp[0].type.tensor_type.shape.dim]
+    if len(dims) != 1 + len(shape) or any(d is not None and d != v for d, v in zip(dims[1:], shape)):
+        fail("model", f"the model's declared input {dims} does not take samples of shape {list(shape)}")
+    if not isinstance(claimed, list) or claimed != list(shape):
+        fail("model", f"input_shape {claimed} but the data's samples have shape {list(shape)}")
+    return shape
+
+
 def _check(model_bytes, cert, x, y):
+    for path, text in TEXTS.items():
+        v = cert
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        if v != text:
+            fail("certificate", f"{'.'.join(path)} is not the text this checker proves")
     if cert.get("format") != FORMAT:
         fail("certificate", f"format {cert.get('format')!r} is not {FORMAT}")
     if hashlib.sha256(model_bytes).hexdigest() != cert["model"]["sha256"]:
         fail("model", "sha256 differs from the certificate's")
-    stages, consts = walk(onnx.load_from_string(model_bytes), cert["model"]["input_shape"])
+    model = onnx.load_from_string(model_bytes)
+    stages, consts = walk(model, sample_shape(model, cert, x))
     for st in stages:
         if st["kind"] in ("conv", "dense"):
             st["W"] = build(st["recipe"], consts, st["name"])
     items, pos, ops = [], 0, cert["operators"]
     for k, op in enumerate(ops):
         name = f"operator {k} ({', '.join(op.get('nodes') or [])})"
+        if op.get("index") != k:
+            fail(name, f"index {op.get('index')!r} is not its position {k}")
         sts, K, folds = match(name, op, stages, pos, consts)
         t = float(op.get("bound", math.nan))
         if not (math.isfinite(t) and t >= 0):
@@ -475,8 +520,8 @@ def _check(model_bytes, cert, x, y):
     if not (body >= L and float(hd.get("L_body", math.nan)) == body):
         fail("composition", f"body bound {body!r} is below the upward-rounded product {L!r}")
     (C, D), Kc = W.shape, np.array(hd.get("K"), dtype=F64)
-    if Kc.shape != (C, C) or not np.all(np.isfinite(Kc) & (Kc >= 0)):
-        fail("head", f"K must be a finite non-negative {C}x{C} matrix")
+    if Kc.shape != (C, C) or not np.all(np.isfinite(Kc) & (Kc >= 0)) or np.any(np.diag(Kc) != 0):
+        fail("head", f"K must be a finite non-negative {C}x{C} matrix with a zero diagonal")
     for i in range(C):                                            # ||d||^2 <= (fsum(fl(fl(d)^2)) + D eta)(1 + 8u)
         s = np.array([math.fsum(v) for v in (W - W[i]) ** 2])
         Kup = vup(body * vup(np.sqrt(vup(vup(s + D * ETA) * up(1 + 8 * U)))))
@@ -484,60 +529,89 @@ def _check(model_bytes, cert, x, y):
         if j.size:
             fail(f"K[{i}][{j[0]}]", f"{float(Kc[i, j[0]])!r} is below L_body ||w_i - w_j|| <= {float(Kup[j[0]])!r}")
     items.append((sts, up(norm_up(W))))                           # head: ||W||_2 <= ||W||_F
-    out = {"valid": True, "operators": len(ops), "body": L, "samples_checked": 0, "certified": 0}
+    out = {"valid": True, "operators": len(ops), "body": L, "input_shape": cert["model"]["input_shape"],
+           "bounds_only": x is None, "samples_checked": 0, "certified": 0}
     return out if x is None else {**out, **check_samples(model_bytes, cert, items, Kc, x, y)}
 
 
+def number(v, item, what, lo=0.0):
+    """A JSON number (not a bool), finite and >= lo."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= lo):
+        fail(item, f"{what} {v!r} is not a finite number >= {lo}")
+    return float(v)
+
+
 def check_samples(model_bytes, cert, items, Kc, x, y) -> dict:
-    S, eps = cert["samples"], float(cert["eps"])
+    """Every per-sample claim and every summary figure, re-derived from this checker's own forward pass."""
+    S, N, eps = cert["samples"], len(x), number(cert["eps"], "eps", "eps")
     x, y = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64)
-    if hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest() != cert["data"]["sha256"] or len(S) != len(x):
-        fail("data", "the data's sha256 (or size) differs from the certificate's")
+    if hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest() != cert["data"]["sha256"]:
+        fail("data", "the data's sha256 differs from the certificate's")
+    if not (cert["data"]["n"] == len(S) == cert["summary"]["n"] == N) or isinstance(cert["data"]["n"], bool):
+        fail("data", f"the data has {N} samples; data.n, summary.n and the samples must say so")
     f, e = forward(items, x)
     import onnxruntime as ort
-    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    feed = x[:8].astype(F64) if "double" in sess.get_inputs()[0].type else x[:8]
-    ref, f0 = sess.run(None, {sess.get_inputs()[0].name: feed})[0], f[:8]    # a cross-check, not a proof
+    try:
+        sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        feed = x[:8].astype(F64) if "double" in sess.get_inputs()[0].type else x[:8]
+        ref, f0 = sess.run(None, {sess.get_inputs()[0].name: feed})[0], f[:8]    # a cross-check, not a proof
+    except Exception as ex:                                       # noqa: BLE001 (any onnxruntime refusal)
+        fail("model", f"onnxruntime cannot run the model on the data ({type(ex).__name__})")
     if ref.shape != f0.shape or not np.max(np.abs(ref - f0), initial=0.0) <= 1e-3 * (1 + np.max(np.abs(f0), initial=0)):
         fail("model", "this checker's forward pass disagrees with onnxruntime")
     (N, C), sq2e = f.shape, vup(SQRT2 * e)[:, None]
     if [s.get("index") for s in S] != list(range(N)) or any(s.get("label") != int(v) for s, v in zip(S, y)):
         fail("samples", "indices must be 0..n-1 and labels must be the data's")
-    claim, pred = np.array([bool(s.get("certified")) for s in S]), np.array([int(s.get("pred", -1)) for s in S])
-    fin, top = np.all(np.isfinite(f), axis=1) & np.isfinite(e), np.argmax(np.where(np.isfinite(f), f, -np.inf), axis=1)
+    for s in S:
+        if (type(s.get("certified")) is not bool or type(s.get("pred")) is not int or not -1 <= s["pred"] < C
+                or not isinstance(s.get("margins"), list) or len(s["margins"]) != C):
+            fail(f"sample {s['index']}", f"needs certified (bool), pred (-1..{C - 1}) and {C} margins")
+        number(s.get("radius"), f"sample {s['index']}", "radius")
+    claim, pred = np.array([s["certified"] for s in S], bool), np.array([s["pred"] for s in S], np.int64)
+    rad = np.array([float(s["radius"]) for s in S])
+    M = np.array([[math.nan if v is None else number(v, f"sample {s['index']}", "margin", -math.inf)
+                   for v in s["margins"]] for s in S]).reshape(N, C)
+    fin, p = np.all(np.isfinite(f), axis=1) & np.isfinite(e), np.clip(pred, 0, C - 1)
+    d = f[np.arange(N), p][:, None] - f                          # rigorous bounds on f_p - f_j (exact):
+    lo = np.nextafter(np.nextafter(d - 2 * U * np.abs(d), -np.inf) - sq2e, -np.inf)
+    hi, others = vup(vup(d + 2 * U * np.abs(d)) + sq2e), np.arange(C)[None, :] != p[:, None]
+    lo, hi = np.where(fin[:, None], lo, -np.inf), np.where(fin[:, None], hi, np.inf)
 
-    def bounds(p):                                                # rigorous bounds on f_p - f_j (exact)
-        d = f[np.arange(N), p][:, None] - f
-        return (np.nextafter(np.nextafter(d - 2 * U * np.abs(d), -np.inf) - sq2e, -np.inf),
-                vup(vup(d + 2 * U * np.abs(d)) + sq2e), np.arange(C)[None, :] != p[:, None])
-    lo, _, others = bounds(top)
-    bad = np.nonzero(fin & np.all(~others | (lo > 0), axis=1) & (pred != top))[0]   # argmax determined
-    if bad.size:
-        fail(f"sample {bad[0]}", f"claimed prediction {pred[bad[0]]} is not the model's {top[bad[0]]}")
-    p = np.clip(pred, 0, C - 1)
-    lo, hi, others = bounds(p)
-    ok = fin & (pred >= 0) & (pred < C) & np.all(~others | (lo > vup(eps * Kc[p])), axis=1)
-    if np.any(claim & ~ok):
-        fail(f"sample {np.nonzero(claim & ~ok)[0][0]}", "claimed certified, but a margin lower bound is <= eps K")
-    M = np.array([[math.nan if v is None else float(v) for v in s.get("margins") or [None] * C] for s in S])
-    if M.shape != f.shape:
-        fail("samples", f"every sample needs {C} margins")
-    if np.any(others & (M > hi)):
-        fail(f"sample {np.nonzero(np.any(others & (M > hi), axis=1))[0][0]}", "a claimed margin exceeds the truth")
-    summ, vra = cert.get("summary") or {}, float(np.mean(claim & (pred == y))) if N else 0.0
-    if summ.get("certified") != int(claim.sum()) or abs(summ.get("vra", -1) - vra) > 1e-12:
-        fail("summary", "certified count / VRA differ from the samples")
-    return {"samples_checked": N, "certified": int(claim.sum()), "vra": vra}
+    def first(bad, why):
+        if np.any(bad):
+            fail(f"sample {np.nonzero(bad)[0][0]}", why)
+    # pred: a class no other class provably beats (the argmax, wherever the bounds decide it); -1: no finite logits
+    first(np.where(pred >= 0, ~fin | np.any(others & (hi < 0), axis=1), fin), "claimed prediction is not the model's")
+    first(claim & (np.any(others & ~(lo > vup(eps * Kc[p])), axis=1) | (pred < 0)),
+          "claimed certified, but a margin lower bound is <= eps K")
+    first((rad > 0) & (np.any(others & ~((lo > 0) & (vup(rad[:, None] * Kc[p]) <= lo)), axis=1) | (pred < 0)),
+          "claimed radius exceeds the radius this checker derives (some margin lower bound < radius K)")
+    first(np.any(~others & ~np.isnan(M), axis=1) | ((pred < 0) & np.any(~np.isnan(M), axis=1)),
+          "a margin is stated at j = pred or without a prediction")
+    first(np.any(others & (M > lo), axis=1), "a claimed margin exceeds this checker's lower bound")
+    summ, correct = cert["summary"], pred == y
+    want = {"n": N, "certified": int(claim.sum()), "clean_accuracy": float(correct.sum()) / N if N else 0.0,
+            "vra": float((claim & correct).sum()) / N if N else 0.0}
+    for k, v in want.items():
+        if type(summ.get(k)) is not type(v) or summ[k] != v:
+            fail("summary", f"{k} = {summ.get(k)!r} but the samples give {v!r}")
+    return {"samples_checked": N, "certified": want["certified"], "vra": want["vra"]}
 
 
 if __name__ == "__main__":                                        # standalone: no certlib needed
     import json
-    if len(sys.argv) not in (3, 4):
-        sys.exit("usage: python checker.py MODEL.onnx CERT.json [DATA.npz with arrays x, y]")
-    data = np.load(sys.argv[3]) if len(sys.argv) == 4 else None
+    args = [a for a in sys.argv[1:] if a != "--bounds-only"]
+    only = len(args) < len(sys.argv) - 1
+    if len(args) != (2 if only else 3):
+        print("usage: python checker.py MODEL.onnx CERT.json DATA.npz (arrays x, y)\n"
+              "       python checker.py MODEL.onnx CERT.json --bounds-only (model, bounds, composition, K;"
+              " no sample claim is checked)", file=sys.stderr)
+        sys.exit(2)
+    data = None if only else np.load(args[2])
     try:
-        with open(sys.argv[1], "rb") as fh, open(sys.argv[2]) as fc:
-            res = check(fh.read(), json.load(fc), *((data["x"], data["y"]) if data is not None else ()))
+        with open(args[0], "rb") as fh, open(args[1]) as fc:
+            res = check(fh.read(), json.load(fc), *((data["x"], data["y"]) if data is not None else ()),
+                        bounds_only=only)
     except CheckFailed as ex:
         print(f"certificate INVALID: {ex}", file=sys.stderr)
         sys.exit(4)
