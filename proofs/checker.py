@@ -406,7 +406,7 @@ def forward(items, x, batch=16):
 # ------------------------------------------------------------------ the check
 def match(name, op, stages, pos, consts):
     """Check that certificate entry `op` describes stages[pos:...]; returns (stages, kernel, folds)."""
-    names, geo = list(op.get("nodes") or fail(name, "covers no graph node")), op.get("geometry") or {}
+    names, geo = list(op["nodes"] or fail(name, "covers no graph node")), dict(op["geometry"])
     sts = stages[pos:pos + len(names)]
     if [s["name"] for s in sts] != names:
         fail(name, f"covers {names} but the graph's next nodes are {[s['name'] for s in sts]}")
@@ -416,7 +416,7 @@ def match(name, op, stages, pos, consts):
     if rest and (head["kind"] not in ("conv", "dense")
                  or any(s["kind"] != "affine" or s["op"] not in ("Mul", "Div") or s["first"] for s in rest)):
         fail(name, "only Mul/Div by a constant can be folded into a linear operator")
-    want, got = {k: v for s in sts for k, v in s["inits"].items()}, op.get("initializers") or {}
+    want, got = {k: v for s in sts for k, v in s["inits"].items()}, dict(op["initializers"])
     if set(got) != set(want):
         fail(name, f"lists initializers {sorted(got)}, the graph uses {sorted(want)}")
     for k, v in want.items():
@@ -428,14 +428,14 @@ def match(name, op, stages, pos, consts):
         if geo.get(k) != v:
             fail(name, f"geometry {k} = {geo.get(k)} but the graph has {v}")
     if head["kind"] not in ("conv", "dense"):
-        if op.get("recipe", []) != head["recipe"]:
+        if op["recipe"] != head["recipe"]:
             fail(name, "recipe differs from the graph's node")
         return sts, None, 0
     steps = head["recipe"] + [{"step": "fold", "op": s["op"], "initializer": s["recipe"][0]["initializer"]}
                               for s in rest]
-    if [s.get("node") for s in op.get("recipe") or [] if s.get("step") == "fold"] != [s["name"] for s in rest]:
+    if [s.get("node") for s in op["recipe"] if s.get("step") == "fold"] != [s["name"] for s in rest]:
         fail(name, "the recipe's fold steps do not name the folded graph nodes in order")
-    mine, theirs = build(steps, consts, name), build(op.get("recipe") or [], consts, name)
+    mine, theirs = build(steps, consts, name), build(op["recipe"], consts, name)
     if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
         fail(name, "the recipe does not rebuild the operator the graph computes")
     return sts, mine, len(rest)
@@ -499,27 +499,25 @@ def _check(model_bytes, cert, x, y):
         if op.get("index") != k:
             fail(name, f"index {op.get('index')!r} is not its position {k}")
         sts, K, folds = match(name, op, stages, pos, consts)
-        t = float(op.get("bound", math.nan))
-        if not (math.isfinite(t) and t >= 0):
-            fail(name, "claimed bound is not a finite number >= 0")
-        if K is not None and not prove(K, sts[0], (op.get("geometry") or {}).get("proof") or {}, t, folds):
+        t = number(op["bound"], name, "claimed bound")
+        if K is not None and not prove(K, sts[0], op["geometry"].get("proof") or {}, t, folds):
             fail(name, f"claimed bound {t!r} is not proven (Rump criterion fails)")
         if K is None and not t >= sts[0]["lip"]:
             fail(name, f"claimed bound {t!r} is below the rule's {sts[0]['lip']!r}")
         items.append((sts, t))
         pos += len(sts)
     hd, comp = cert["head"], cert["composition"]
-    sts, W, _ = match("head", {**hd, "nodes": [hd.get("node")]}, stages, pos, consts)
+    sts, W, _ = match("head", {**hd, "nodes": [hd["node"]]}, stages, pos, consts)
     if sts[0]["kind"] != "dense" or pos + 1 != len(stages):
         fail("head", "the head must be the last graph node, a dense layer")
-    if sorted(comp.get("order", [])) != list(range(len(ops))):
+    if sorted(comp["order"]) != list(range(len(ops))) or not all(type(k) is int for k in comp["order"]):
         fail("composition", "the order must list every operator exactly once")
-    L, body = 1.0, float(comp.get("body", math.nan))
+    L, body = 1.0, number(comp["body"], "composition", "body")
     for k in comp["order"]:
         L = up(L * items[k][1])
-    if not (body >= L and float(hd.get("L_body", math.nan)) == body):
+    if not (body >= L and number(hd["L_body"], "head", "L_body") == body):
         fail("composition", f"body bound {body!r} is below the upward-rounded product {L!r}")
-    (C, D), Kc = W.shape, np.array(hd.get("K"), dtype=F64)
+    (C, D), Kc = W.shape, np.array(hd["K"], dtype=F64)
     if Kc.shape != (C, C) or not np.all(np.isfinite(Kc) & (Kc >= 0)) or np.any(np.diag(Kc) != 0):
         fail("head", f"K must be a finite non-negative {C}x{C} matrix with a zero diagonal")
     for i in range(C):                                            # ||d||^2 <= (fsum(fl(fl(d)^2)) + D eta)(1 + 8u)
