@@ -1,16 +1,20 @@
-"""Independent checker for certlib certificates (schema and proofs: proofs/certificate.md).
+"""Independent checker for certlib certificates (schema, claims and proofs: proofs/certificate.md).
 
 Trust base: numpy (BLAS, LAPACK dpotrf), onnx (parsing), onnxruntime (a cross-check
-only) and this file; nothing from certlib is imported.  ``check(model_bytes, cert,
-x, y)`` walks the ONNX graph itself, matches every certificate operator to its
-nodes (kind, geometry, initializer sha256, a recipe that rebuilds the same float64
-operator), proves every claimed bound (rules; Rump's criterion on the Gram of each
-dense / explicit-conv / DFT block, rounding bounded), recomputes the body bound and
-K_ij upward, and with data re-decides every claimed certified sample from its own
-float64 forward pass with a rigorous error bound.  The first failure raises
-:class:`CheckFailed` naming the item.  Assumed: IEEE binary64 round-to-nearest;
-BLAS/LAPACK follow the standard error model (any order, FMA allowed); libm cos/sin
-within 3 ulp.  Standalone: ``python checker.py MODEL.onnx CERT.json [DATA.npz]``.
+only), this file and proofs/checker_norms.py (its arithmetic and operator-norm proofs,
+split out by meaning); nothing from certlib is imported.  ``check(model_bytes, cert, x, y)``
+derives the input shape from the data and the model's declared input, walks the ONNX graph
+itself, matches every certificate operator to its nodes (index, kind, geometry, initializer
+sha256 / dtype / shape, a recipe that rebuilds the same float64 operator), proves every
+claimed bound (rules; Rump's criterion on the Gram of each dense / explicit-conv / DFT block,
+rounding bounded), recomputes the body bound and K_ij upward, and re-derives every sample
+claim (prediction, certified, radius, margins) and every summary figure from its own float64
+forward pass with a rigorous error bound.  Without data only ``bounds_only=True`` is accepted.
+The first failure raises :class:`CheckFailed` naming the item.  Assumed: IEEE binary64
+round-to-nearest; BLAS/LAPACK follow the standard error model (any order, FMA allowed); libm
+cos/sin within 3 ulp.  Sections here: graph walk, forward pass, the check (match, input shape,
+composition and K, samples).  Standalone:
+``python checker.py MODEL.onnx CERT.json DATA.npz`` or ``... --bounds-only``.
 """
 
 from __future__ import annotations
@@ -20,65 +24,32 @@ import hashlib
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+try:                                                              # as certlib.proofs.checker
+    from .checker_norms import (ETA, F64, SQRT2, U, CheckFailed, fail, gam, gram_ok, infl, norm_up, pmap,
+                                prove, up, down, vup)
+except ImportError:                                               # standalone: python proofs/checker.py
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from checker_norms import (ETA, F64, SQRT2, U, CheckFailed, fail, gam, gram_ok, infl, norm_up, pmap,
+                               prove, up, down, vup)
+
+__all__ = ["CheckFailed", "check", "walk", "build", "forward", "gram_ok", "norm_up", "up", "down", "vup", "U",
+           "ETA", "FORMAT", "TEXTS"]
 FORMAT = "certlib-certificate/1"
-U, ETA = 2.0 ** -53, 2.0 ** -1074   # unit roundoff; smallest subnormal (bounds any underflow error)
-TW = 16 * U                         # error of one computed twiddle (proofs/certificate.md)
-SAFETY = 2.0                        # multiplies Rump's shift c (blocked dpotrf; proofs/rump.md)
-F64 = np.float64
-WORKERS = min(2, os.cpu_count() or 1)  # threads over blocks / batches; BLAS itself runs single-threaded
-SQRT2 = math.nextafter(math.sqrt(2.0), math.inf)
-
-
-class CheckFailed(Exception):
-    """The certificate is invalid: ``item`` names the first item that failed."""
-
-    def __init__(self, item: str, why: str):
-        super().__init__(f"{item}: {why}")
-        self.item, self.why = item, why
-
-
-def fail(item, why):
-    raise CheckFailed(item, why)
-
-
-def up(x):
-    return math.nextafter(float(x), math.inf)
-
-
-def down(x):
-    return math.nextafter(float(x), -math.inf)
-
-
-def vup(a):
-    return np.nextafter(a, np.inf)
-
-
-def gam(k):
-    """An upper bound on gamma_k = k u / (1 - k u)."""
-    if k * U >= 0.25:
-        fail("rounding", f"gamma_{k} is too large for the error model")
-    return up(up(k * U) / down(1.0 - k * U))
-
-
-def infl(s, k):
-    """Upper bound on the exact value of a sum of k non-negative rounded products computed as s."""
-    return vup(vup(s + k * ETA) * up(1.0 + 2.0 * gam(k)))
-
-
-def norm_up(a, axis=None):
-    """Upper bound on the exact l2 norm of a float array (of each row with axis=1)."""
-    a = np.asarray(a, F64)
-    a = a.reshape(len(a), -1) if axis else a.reshape(1, -1)
-    r = vup(np.sqrt(infl(np.einsum("bi,bi->b", a, a), a.shape[1])))
-    return r if axis else float(r[0])
-
-
+#: the texts that say what is claimed: a certificate must carry exactly these (proofs/certificate.md)
+TEXTS = {
+    ("claim",): "For every sample with certified=true and every input x' with ||x' - x||_2 <= eps, and for every "
+                "sample and every x' with ||x' - x||_2 < radius, the ONNX model's function in exact real arithmetic "
+                "(weights as stored) predicts pred.",
+    ("data", "hash_rule"): "sha256(x as float32 C-order bytes, then y as int64 bytes)",
+    ("composition", "rule"): "L = 1; for k in order: L = nextafter(L * operators[k].bound, +inf)",
+    ("head", "K_rule"): "K[i][j] >= L_body * ||w_i - w_j||_2, w_i the rows of the recipe's weight",
+    ("margin_rule",): "margins[j] <= f_pred - f_j in exact arithmetic (null at j = pred or when not finite)",
+}
 def sha(a) -> str:
     """sha256 of an array's little-endian C-order bytes (its stored dtype)."""
     a = np.ascontiguousarray(a)
@@ -88,11 +59,6 @@ def sha(a) -> str:
 def f32(a) -> bool:
     a = np.asarray(a, F64)
     return bool(np.all(a.astype(np.float32).astype(F64) == a))
-
-
-def pmap(f, xs) -> list:
-    with ThreadPoolExecutor(WORKERS) as ex:                       # numpy releases the GIL in BLAS/LAPACK
-        return list(ex.map(f, xs))
 
 
 # ------------------------------------------------------------------ graph walk
@@ -225,115 +191,6 @@ def build(steps, consts, item):
     return K
 
 
-# ------------------------------------------------------------------ norm proofs
-def spd(A) -> bool:
-    """Rump 2006, Cor. 2.4 (proofs/rump.md): True only if the symmetric matrix given by A's lower
-    triangle is positive definite (LAPACK reads only that triangle).  Overwrites A's diagonal."""
-    n, d = A.shape[0], np.diag(A).copy()
-    if not (np.all(np.isfinite(A)) and np.all(d > 0)):
-        return False
-    g = up(up((n + 1) * U) / down(1.0 - 2 * (n + 1) * U))        # >= gamma_{n+1} / (1 - gamma_{n+1})
-    c = up(SAFETY * up(up(g * up(math.fsum(d))) + up(4 * n * ETA * up(2 * (n + 1) + float(d.max())))))
-    A[np.diag_indices(n)] = np.nextafter(d - c, -np.inf)         # <= A_ii - c
-    try:
-        R = np.linalg.cholesky(A)                                 # LAPACK dpotrf (numpy's OpenBLAS)
-    except np.linalg.LinAlgError:
-        return False
-    return bool(np.all(np.diag(A) > 0) and np.all(np.isfinite(np.diag(R))) and np.all(np.diag(R) > 0))
-
-
-def gram_ok(M, t) -> bool:
-    """True only if ||M||_2 <= t for the exact float matrix M (real or complex); proofs/rump.md."""
-    M = M.T if M.shape[0] < M.shape[1] else M
-    (m, n), cplx = M.shape, np.iscomplexobj(M)
-    P = [np.ascontiguousarray(p) for p in ((M.real, M.imag) if cplx else (M,))]
-    fro2 = float(infl(sum(np.einsum("ij,ij->", p, p) for p in P), M.size * len(P)))
-    if up(math.sqrt(fro2)) <= t:                                  # ||M||_2 <= ||M||_F
-        return True
-    # Re M^H M = A^T A + B^T B, Im = A^T B - B^T A: length-m products, one sum: |dG| <= gamma_{m+1} ...
-    eG = up((up(up(SQRT2 * gam(m + 1)) * fro2) if cplx else up(gam(m) * fro2)) + 4 * m * n * ETA)
-    s = down(down(t * t) - eG)
-    if not s > 0:
-        return False
-    G = P[0].T @ P[0]
-    E = np.zeros((len(P) * n,) * 2)                               # lower triangle of the real embedding
-    if cplx:                                                      # [[S, -Q], [Q, S]] of s I - M^H M = S + iQ
-        G += P[1].T @ P[1]
-        X = P[0].T @ P[1]
-        E[n:, :n], E[n:, n:] = X.T - X, -G
-    E[:n, :n] = -G
-    E[np.diag_indices(len(E))] = np.tile(np.nextafter(s - np.diag(G), -np.inf), len(P))
-    return spd(E)
-
-
-def explicit(K, geo):
-    """The exact matrix of the zero-padded conv (each entry a copy of one kernel tap), or None if large."""
-    (C, H, W), (co, Ho, Wo) = geo["input_shape"], geo["output_shape"]
-    if co * Ho * Wo * C * H * W > 2 ** 25:
-        return None
-    (sh, sw), (dh, dw), g, (pt, pl, _, _) = geo["strides"], geo["dilations"], geo["group"], geo["pads"]
-    (_, cg, kh, kw), og, M = K.shape, co // g, np.zeros((co, Ho, Wo, C, H, W))
-    for a in range(kh):
-        for b in range(kw):
-            y, x = np.arange(Ho) * sh + a * dh - pt, np.arange(Wo) * sw + b * dw - pl
-            iy, ix = np.nonzero((y >= 0) & (y < H))[0], np.nonzero((x >= 0) & (x < W))[0]
-            for q in range(g):
-                o, ci = slice(q * og, (q + 1) * og), slice(q * cg, (q + 1) * cg)
-                M[o, iy[:, None], ix[None, :], ci, y[iy][:, None], x[ix][None, :]] = K[o, :, a, b]
-    return M.reshape(co * Ho * Wo, C * H * W)
-
-
-def dft_blocks(K, geo, grid):
-    """(chunks of the DFT blocks of the circular relaxation on `grid`, bound on each block's error)."""
-    (C, H, W), (_, Ho, Wo) = geo["input_shape"], geo["output_shape"]
-    (sh, sw), (dh, dw), g, (pt, pl, pb, pr) = geo["strides"], geo["dilations"], geo["group"], geo["pads"]
-    Nh, Nw = (int(v) for v in grid)
-    for n, p0, p1, s, N, nout in ((H, pt, pb, sh, Nh, Ho), (W, pl, pr, sw, Nw, Wo)):
-        if Nh * Nw > 2 ** 22 or not ((s == 1 and N >= max(n + p0, n + p1, nout)) or N >= -(-(n + p0 + p1) // s)):
-            return None, 0.0                                      # not a valid embedding grid
-    (co, cg, kh, kw), M = K.shape, Nh * Nw
-    T, m, Kg = kh * kw, co // g, K.reshape(g, co // g, cg, kh * kw)
-    th, tw = np.repeat(dh * np.arange(kh), kw), np.tile(dw * np.arange(kw), kh)
-    qh, qw, r = th // sh, tw // sw, (th % sh) * sw + tw % sw     # tap t = s q + r: offset q, input phase r
-    wh, ww = np.divmod(np.arange(M), Nw)
-    keep = wh * Nw + ww <= (-wh % Nh) * Nw + (-ww % Nw)           # Khat(-w) = conj(Khat(w))
-    F = np.nonzero(keep if len(set(zip(qh, qw))) > 1 else np.arange(M) == 0)[0]  # one offset: one block
-    J = (wh[F, None] * qh * Nw + ww[F, None] * qw * Nh) % M
-    tws = np.array([1.0] + [complex(math.cos(2 * math.pi * (min(j, M - j) / M)),   # angle in [0, pi]
-                                    math.copysign(math.sin(2 * math.pi * (min(j, M - j) / M)), M - 2 * j))
-                            for j in range(1, M)])
-    S = np.zeros((g, m, cg, sh * sw))
-    for a in range(T):
-        S[..., r[a]] += np.abs(Kg[..., a])
-    delta = up(TW + up(gam(T) * up(1.0 + TW)))                   # per entry: |error| <= delta * S (re, im)
-    err = up(up(up(SQRT2 * delta) * max(norm_up(infl(S[i], T)) for i in range(g))) + 2 * T * S.size * ETA)
-    phase = [np.nonzero(r == p)[0] for p in range(sh * sw)]      # polyphase: tap a feeds channel (c, r_a)
-    KT, fb = [np.ascontiguousarray(Kg[..., i].reshape(-1, len(i)).T) for i in phase], max(1, 2 ** 21 // S.size)
-
-    def chunks():
-        for i in range(0, len(F), fb):
-            B, j = np.zeros((len(F[i:i + fb]), g * m * cg, sh * sw), dtype=np.complex128), J[i:i + fb]
-            for p, idx in enumerate(phase):
-                if len(idx):
-                    B[..., p].real, B[..., p].imag = tws.real[j[:, idx]] @ KT[p], tws.imag[j[:, idx]] @ KT[p]
-            yield B.reshape(-1, m, cg * sh * sw)
-    return chunks(), err
-
-
-def prove(K, st, hint, t, folds) -> bool:
-    """True only if ||A||_2 <= t for the exact operator A of stage st (kernel K up to `folds` roundings)."""
-    taps = K.shape[2] * K.shape[3] if K.ndim == 4 else 1          # fold error: relative gamma_f per entry
-    ferr = up(up(math.sqrt(taps)) * up(norm_up(K) * up(2 * gam(folds)))) if folds else 0.0
-    blocks, derr = [[K]], 0.0
-    if st["kind"] == "conv" and hint.get("family") == "explicit":
-        E = explicit(K, st["geo"])
-        blocks = [[E]] if E is not None else None
-    elif st["kind"] == "conv":
-        blocks, derr = dft_blocks(K, st["geo"], hint.get("grid", (0, 0))) if hint.get("family") == "dft" else (None, 0)
-    t1 = down(down(float(t) - derr) - ferr)
-    return blocks is not None and t1 >= 0 and all(all(pmap(lambda Mb: gram_ok(Mb, t1), ch)) for ch in blocks)
-
-
 # ------------------------------------------------------------------ forward pass
 def conv(x, K, b, geo):
     (sh, sw), (dh, dw), g, (pt, pl, pb, pr) = geo["strides"], geo["dilations"], geo["group"], geo["pads"]
@@ -396,7 +253,7 @@ def forward(items, x, batch=16):
 # ------------------------------------------------------------------ the check
 def match(name, op, stages, pos, consts):
     """Check that certificate entry `op` describes stages[pos:...]; returns (stages, kernel, folds)."""
-    names, geo = list(op.get("nodes") or fail(name, "covers no graph node")), op.get("geometry") or {}
+    names, geo = list(op["nodes"] or fail(name, "covers no graph node")), dict(op["geometry"])
     sts = stages[pos:pos + len(names)]
     if [s["name"] for s in sts] != names:
         fail(name, f"covers {names} but the graph's next nodes are {[s['name'] for s in sts]}")
@@ -406,29 +263,37 @@ def match(name, op, stages, pos, consts):
     if rest and (head["kind"] not in ("conv", "dense")
                  or any(s["kind"] != "affine" or s["op"] not in ("Mul", "Div") or s["first"] for s in rest)):
         fail(name, "only Mul/Div by a constant can be folded into a linear operator")
-    want, got = {k: v for s in sts for k, v in s["inits"].items()}, op.get("initializers") or {}
+    want, got = {k: v for s in sts for k, v in s["inits"].items()}, dict(op["initializers"])
     if set(got) != set(want):
         fail(name, f"lists initializers {sorted(got)}, the graph uses {sorted(want)}")
     for k, v in want.items():
-        if (got[k] or {}).get("sha256") != sha(v):
-            fail(name, f"sha256 of initializer {k!r} does not match the model")
+        if got[k] != {"sha256": sha(v), "dtype": str(v.dtype), "shape": list(v.shape)}:
+            fail(name, f"sha256, dtype or shape of initializer {k!r} does not match the model")
+    if set(geo) - {"proof"} != set(head["geo"]):                  # proof: a hint (which family to prove on)
+        fail(name, f"geometry lists {sorted(geo)}, the graph's node has {sorted(head['geo'])}")
     for k, v in head["geo"].items():
         if geo.get(k) != v:
             fail(name, f"geometry {k} = {geo.get(k)} but the graph has {v}")
     if head["kind"] not in ("conv", "dense"):
-        if op.get("recipe", []) != head["recipe"]:
+        if op["recipe"] != head["recipe"]:
             fail(name, "recipe differs from the graph's node")
         return sts, None, 0
     steps = head["recipe"] + [{"step": "fold", "op": s["op"], "initializer": s["recipe"][0]["initializer"]}
                               for s in rest]
-    mine, theirs = build(steps, consts, name), build(op.get("recipe") or [], consts, name)
+    if [s.get("node") for s in op["recipe"] if s.get("step") == "fold"] != [s["name"] for s in rest]:
+        fail(name, "the recipe's fold steps do not name the folded graph nodes in order")
+    mine, theirs = build(steps, consts, name), build(op["recipe"], consts, name)
     if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
         fail(name, "the recipe does not rebuild the operator the graph computes")
     return sts, mine, len(rest)
 
 
-def check(model_bytes: bytes, cert: dict, x=None, y=None) -> dict:
-    """Re-verify `cert` for the ONNX model `model_bytes` (and the data x, y); raises CheckFailed."""
+def check(model_bytes: bytes, cert: dict, x=None, y=None, *, bounds_only: bool = False) -> dict:
+    """Re-verify `cert` for the ONNX model `model_bytes` and the data x, y; raises CheckFailed.
+    Without data only ``bounds_only=True`` is accepted: then the model, the operator bounds, the
+    composition and K are proven for the certificate's input shape, and no sample claim is checked."""
+    if (x is None) != (y is None) or (x is None) != bool(bounds_only):
+        raise ValueError("check() needs the data (x, y), or no data and bounds_only=True (samples not checked)")
     try:                                  # one BLAS thread: threaded LAPACK crawls on shared cores (speed only)
         from threadpoolctl import threadpool_limits
         limit = threadpool_limits(1)
@@ -441,42 +306,67 @@ def check(model_bytes: bytes, cert: dict, x=None, y=None) -> dict:
             raise CheckFailed("certificate", f"malformed or unsupported ({type(e).__name__}: {e})") from None
 
 
+def sample_shape(model, cert, x) -> tuple:
+    """The per-sample input shape: the data's (with data), else the certificate's; either must fit the
+    model's declared input and equal the certificate's ``model.input_shape``."""
+    g, claimed = model.graph, cert["model"]["input_shape"]
+    inp = [i for i in g.input if i.name not in {t.name for t in g.initializer}]
+    if len(inp) != 1 or len(g.output) != 1:
+        fail("model", "needs exactly one input and one output")
+    if cert["model"].get("input") != inp[0].name or cert["model"].get("output") != g.output[0].name:
+        fail("model", "input / output names differ from the graph's")
+    shape = tuple(int(v) for v in (x.shape[1:] if x is not None else claimed))
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp[0].type.tensor_type.shape.dim]
+    if len(dims) != 1 + len(shape) or any(d is not None and d != v for d, v in zip(dims[1:], shape)):
+        fail("model", f"the model's declared input {dims} does not take samples of shape {list(shape)}")
+    if not isinstance(claimed, list) or claimed != list(shape):
+        fail("model", f"input_shape {claimed} but the data's samples have shape {list(shape)}")
+    return shape
+
+
 def _check(model_bytes, cert, x, y):
+    for path, text in TEXTS.items():
+        v = cert
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        if v != text:
+            fail("certificate", f"{'.'.join(path)} is not the text this checker proves")
     if cert.get("format") != FORMAT:
         fail("certificate", f"format {cert.get('format')!r} is not {FORMAT}")
     if hashlib.sha256(model_bytes).hexdigest() != cert["model"]["sha256"]:
         fail("model", "sha256 differs from the certificate's")
-    stages, consts = walk(onnx.load_from_string(model_bytes), cert["model"]["input_shape"])
+    model = onnx.load_from_string(model_bytes)
+    stages, consts = walk(model, sample_shape(model, cert, x))
     for st in stages:
         if st["kind"] in ("conv", "dense"):
             st["W"] = build(st["recipe"], consts, st["name"])
     items, pos, ops = [], 0, cert["operators"]
     for k, op in enumerate(ops):
         name = f"operator {k} ({', '.join(op.get('nodes') or [])})"
+        if op.get("index") != k:
+            fail(name, f"index {op.get('index')!r} is not its position {k}")
         sts, K, folds = match(name, op, stages, pos, consts)
-        t = float(op.get("bound", math.nan))
-        if not (math.isfinite(t) and t >= 0):
-            fail(name, "claimed bound is not a finite number >= 0")
-        if K is not None and not prove(K, sts[0], (op.get("geometry") or {}).get("proof") or {}, t, folds):
+        t = number(op["bound"], name, "claimed bound")
+        if K is not None and not prove(K, sts[0], op["geometry"].get("proof") or {}, t, folds):
             fail(name, f"claimed bound {t!r} is not proven (Rump criterion fails)")
         if K is None and not t >= sts[0]["lip"]:
             fail(name, f"claimed bound {t!r} is below the rule's {sts[0]['lip']!r}")
         items.append((sts, t))
         pos += len(sts)
     hd, comp = cert["head"], cert["composition"]
-    sts, W, _ = match("head", {**hd, "nodes": [hd.get("node")]}, stages, pos, consts)
+    sts, W, _ = match("head", {**hd, "nodes": [hd["node"]]}, stages, pos, consts)
     if sts[0]["kind"] != "dense" or pos + 1 != len(stages):
         fail("head", "the head must be the last graph node, a dense layer")
-    if sorted(comp.get("order", [])) != list(range(len(ops))):
+    if sorted(comp["order"]) != list(range(len(ops))) or not all(type(k) is int for k in comp["order"]):
         fail("composition", "the order must list every operator exactly once")
-    L, body = 1.0, float(comp.get("body", math.nan))
+    L, body = 1.0, number(comp["body"], "composition", "body")
     for k in comp["order"]:
         L = up(L * items[k][1])
-    if not (body >= L and float(hd.get("L_body", math.nan)) == body):
+    if not (body >= L and number(hd["L_body"], "head", "L_body") == body):
         fail("composition", f"body bound {body!r} is below the upward-rounded product {L!r}")
-    (C, D), Kc = W.shape, np.array(hd.get("K"), dtype=F64)
-    if Kc.shape != (C, C) or not np.all(np.isfinite(Kc) & (Kc >= 0)):
-        fail("head", f"K must be a finite non-negative {C}x{C} matrix")
+    (C, D), Kc = W.shape, np.array(hd["K"], dtype=F64)
+    if Kc.shape != (C, C) or not np.all(np.isfinite(Kc) & (Kc >= 0)) or np.any(np.diag(Kc) != 0):
+        fail("head", f"K must be a finite non-negative {C}x{C} matrix with a zero diagonal")
     for i in range(C):                                            # ||d||^2 <= (fsum(fl(fl(d)^2)) + D eta)(1 + 8u)
         s = np.array([math.fsum(v) for v in (W - W[i]) ** 2])
         Kup = vup(body * vup(np.sqrt(vup(vup(s + D * ETA) * up(1 + 8 * U)))))
@@ -484,60 +374,89 @@ def _check(model_bytes, cert, x, y):
         if j.size:
             fail(f"K[{i}][{j[0]}]", f"{float(Kc[i, j[0]])!r} is below L_body ||w_i - w_j|| <= {float(Kup[j[0]])!r}")
     items.append((sts, up(norm_up(W))))                           # head: ||W||_2 <= ||W||_F
-    out = {"valid": True, "operators": len(ops), "body": L, "samples_checked": 0, "certified": 0}
+    out = {"valid": True, "operators": len(ops), "body": L, "input_shape": cert["model"]["input_shape"],
+           "bounds_only": x is None, "samples_checked": 0, "certified": 0}
     return out if x is None else {**out, **check_samples(model_bytes, cert, items, Kc, x, y)}
 
 
+def number(v, item, what, lo=0.0):
+    """A JSON number (not a bool), finite and >= lo."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= lo):
+        fail(item, f"{what} {v!r} is not a finite number >= {lo}")
+    return float(v)
+
+
 def check_samples(model_bytes, cert, items, Kc, x, y) -> dict:
-    S, eps = cert["samples"], float(cert["eps"])
+    """Every per-sample claim and every summary figure, re-derived from this checker's own forward pass."""
+    S, N, eps = cert["samples"], len(x), number(cert["eps"], "eps", "eps")
     x, y = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64)
-    if hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest() != cert["data"]["sha256"] or len(S) != len(x):
-        fail("data", "the data's sha256 (or size) differs from the certificate's")
+    if hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest() != cert["data"]["sha256"]:
+        fail("data", "the data's sha256 differs from the certificate's")
+    if not (cert["data"]["n"] == len(S) == cert["summary"]["n"] == N) or isinstance(cert["data"]["n"], bool):
+        fail("data", f"the data has {N} samples; data.n, summary.n and the samples must say so")
     f, e = forward(items, x)
     import onnxruntime as ort
-    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    feed = x[:8].astype(F64) if "double" in sess.get_inputs()[0].type else x[:8]
-    ref, f0 = sess.run(None, {sess.get_inputs()[0].name: feed})[0], f[:8]    # a cross-check, not a proof
+    try:
+        sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        feed = x[:8].astype(F64) if "double" in sess.get_inputs()[0].type else x[:8]
+        ref, f0 = sess.run(None, {sess.get_inputs()[0].name: feed})[0], f[:8]    # a cross-check, not a proof
+    except Exception as ex:                                       # noqa: BLE001 (any onnxruntime refusal)
+        fail("model", f"onnxruntime cannot run the model on the data ({type(ex).__name__})")
     if ref.shape != f0.shape or not np.max(np.abs(ref - f0), initial=0.0) <= 1e-3 * (1 + np.max(np.abs(f0), initial=0)):
         fail("model", "this checker's forward pass disagrees with onnxruntime")
     (N, C), sq2e = f.shape, vup(SQRT2 * e)[:, None]
     if [s.get("index") for s in S] != list(range(N)) or any(s.get("label") != int(v) for s, v in zip(S, y)):
         fail("samples", "indices must be 0..n-1 and labels must be the data's")
-    claim, pred = np.array([bool(s.get("certified")) for s in S]), np.array([int(s.get("pred", -1)) for s in S])
-    fin, top = np.all(np.isfinite(f), axis=1) & np.isfinite(e), np.argmax(np.where(np.isfinite(f), f, -np.inf), axis=1)
+    for s in S:
+        if (type(s.get("certified")) is not bool or type(s.get("pred")) is not int or not -1 <= s["pred"] < C
+                or not isinstance(s.get("margins"), list) or len(s["margins"]) != C):
+            fail(f"sample {s['index']}", f"needs certified (bool), pred (-1..{C - 1}) and {C} margins")
+        number(s.get("radius"), f"sample {s['index']}", "radius")
+    claim, pred = np.array([s["certified"] for s in S], bool), np.array([s["pred"] for s in S], np.int64)
+    rad = np.array([float(s["radius"]) for s in S])
+    M = np.array([[math.nan if v is None else number(v, f"sample {s['index']}", "margin", -math.inf)
+                   for v in s["margins"]] for s in S]).reshape(N, C)
+    fin, p = np.all(np.isfinite(f), axis=1) & np.isfinite(e), np.clip(pred, 0, C - 1)
+    d = f[np.arange(N), p][:, None] - f                          # rigorous bounds on f_p - f_j (exact):
+    lo = np.nextafter(np.nextafter(d - 2 * U * np.abs(d), -np.inf) - sq2e, -np.inf)
+    hi, others = vup(vup(d + 2 * U * np.abs(d)) + sq2e), np.arange(C)[None, :] != p[:, None]
+    lo, hi = np.where(fin[:, None], lo, -np.inf), np.where(fin[:, None], hi, np.inf)
 
-    def bounds(p):                                                # rigorous bounds on f_p - f_j (exact)
-        d = f[np.arange(N), p][:, None] - f
-        return (np.nextafter(np.nextafter(d - 2 * U * np.abs(d), -np.inf) - sq2e, -np.inf),
-                vup(vup(d + 2 * U * np.abs(d)) + sq2e), np.arange(C)[None, :] != p[:, None])
-    lo, _, others = bounds(top)
-    bad = np.nonzero(fin & np.all(~others | (lo > 0), axis=1) & (pred != top))[0]   # argmax determined
-    if bad.size:
-        fail(f"sample {bad[0]}", f"claimed prediction {pred[bad[0]]} is not the model's {top[bad[0]]}")
-    p = np.clip(pred, 0, C - 1)
-    lo, hi, others = bounds(p)
-    ok = fin & (pred >= 0) & (pred < C) & np.all(~others | (lo > vup(eps * Kc[p])), axis=1)
-    if np.any(claim & ~ok):
-        fail(f"sample {np.nonzero(claim & ~ok)[0][0]}", "claimed certified, but a margin lower bound is <= eps K")
-    M = np.array([[math.nan if v is None else float(v) for v in s.get("margins") or [None] * C] for s in S])
-    if M.shape != f.shape:
-        fail("samples", f"every sample needs {C} margins")
-    if np.any(others & (M > hi)):
-        fail(f"sample {np.nonzero(np.any(others & (M > hi), axis=1))[0][0]}", "a claimed margin exceeds the truth")
-    summ, vra = cert.get("summary") or {}, float(np.mean(claim & (pred == y))) if N else 0.0
-    if summ.get("certified") != int(claim.sum()) or abs(summ.get("vra", -1) - vra) > 1e-12:
-        fail("summary", "certified count / VRA differ from the samples")
-    return {"samples_checked": N, "certified": int(claim.sum()), "vra": vra}
+    def first(bad, why):
+        if np.any(bad):
+            fail(f"sample {np.nonzero(bad)[0][0]}", why)
+    # pred: a class no other class provably beats (the argmax, wherever the bounds decide it); -1: no finite logits
+    first(np.where(pred >= 0, ~fin | np.any(others & (hi < 0), axis=1), fin), "claimed prediction is not the model's")
+    first(claim & (np.any(others & ~(lo > vup(eps * Kc[p])), axis=1) | (pred < 0)),
+          "claimed certified, but a margin lower bound is <= eps K")
+    first((rad > 0) & (np.any(others & ~((lo > 0) & (vup(rad[:, None] * Kc[p]) <= lo)), axis=1) | (pred < 0)),
+          "claimed radius exceeds the radius this checker derives (some margin lower bound < radius K)")
+    first(np.any(~others & ~np.isnan(M), axis=1) | ((pred < 0) & np.any(~np.isnan(M), axis=1)),
+          "a margin is stated at j = pred or without a prediction")
+    first(np.any(others & (M > lo), axis=1), "a claimed margin exceeds this checker's lower bound")
+    summ, correct = cert["summary"], pred == y
+    want = {"n": N, "certified": int(claim.sum()), "clean_accuracy": float(correct.sum()) / N if N else 0.0,
+            "vra": float((claim & correct).sum()) / N if N else 0.0}
+    for k, v in want.items():
+        if type(summ.get(k)) is not type(v) or summ[k] != v:
+            fail("summary", f"{k} = {summ.get(k)!r} but the samples give {v!r}")
+    return {"samples_checked": N, "certified": want["certified"], "vra": want["vra"]}
 
 
 if __name__ == "__main__":                                        # standalone: no certlib needed
     import json
-    if len(sys.argv) not in (3, 4):
-        sys.exit("usage: python checker.py MODEL.onnx CERT.json [DATA.npz with arrays x, y]")
-    data = np.load(sys.argv[3]) if len(sys.argv) == 4 else None
+    args = [a for a in sys.argv[1:] if a != "--bounds-only"]
+    only = len(args) < len(sys.argv) - 1
+    if len(args) != (2 if only else 3):
+        print("usage: python checker.py MODEL.onnx CERT.json DATA.npz (arrays x, y)\n"
+              "       python checker.py MODEL.onnx CERT.json --bounds-only (model, bounds, composition, K;"
+              " no sample claim is checked)", file=sys.stderr)
+        sys.exit(2)
+    data = None if only else np.load(args[2])
     try:
-        with open(sys.argv[1], "rb") as fh, open(sys.argv[2]) as fc:
-            res = check(fh.read(), json.load(fc), *((data["x"], data["y"]) if data is not None else ()))
+        with open(args[0], "rb") as fh, open(args[1]) as fc:
+            res = check(fh.read(), json.load(fc), *((data["x"], data["y"]) if data is not None else ()),
+                        bounds_only=only)
     except CheckFailed as ex:
         print(f"certificate INVALID: {ex}", file=sys.stderr)
         sys.exit(4)

@@ -73,7 +73,9 @@ def test_untouched_certificate_is_accepted(fx):
     assert res["valid"] and res["samples_checked"] == 360
     assert 0 < res["certified"] == cert["summary"]["certified"] < 360
     assert res["body"] <= cert["composition"]["body"]
-    assert check(fx.blob, cert)["samples_checked"] == 0  # without data: bounds and K only
+    assert check(fx.blob, cert, bounds_only=True)["samples_checked"] == 0  # bounds and K only, when asked
+    with pytest.raises(ValueError, match="bounds_only"):
+        check(fx.blob, cert)
     kinds = [o["kind"] for o in cert["operators"]]
     assert kinds.count("conv") == 4 and kinds.count("minmax") == 5 and kinds.count("dense") == 1
 
@@ -150,6 +152,8 @@ def test_recipe_without_residual_identity_is_rejected(fx):
 def test_operator_removed_is_rejected(fx):
     c = copy.deepcopy(fx.cert)
     del c["operators"][fx.idx["block1.conv"]]
+    for k, o in enumerate(c["operators"]):  # renumbered: the gap is found by the node walk
+        o["index"] = k
     c["composition"]["order"] = list(range(len(c["operators"])))
     assert "next nodes" in rejected(fx, c, "operator").why
 
@@ -214,6 +218,10 @@ def test_folded_strided_net_certificate(tmp_path):
         assert check(blob, cert, ds.x, ds.y)["certified"] > 0
     c = copy.deepcopy(cert)
     next(o for o in c["operators"] if o["kind"] == "conv")["recipe"].pop()  # drop a fold step
+    with pytest.raises(CheckFailed, match="fold steps"):
+        check(blob, c, ds.x, ds.y)
+    c = copy.deepcopy(cert)
+    next(o for o in c["operators"] if o["kind"] == "conv")["recipe"][-1]["op"] = "Mul"  # Div read as Mul
     with pytest.raises(CheckFailed, match="does not rebuild"):
         check(blob, c, ds.x, ds.y)
     c = copy.deepcopy(cert)
@@ -308,15 +316,15 @@ def test_checker_norm_proofs_never_below_truth(M):
 
 
 def test_checker_is_independent_of_certlib(fx, tmp_path):
-    src = (ROOT / "proofs" / "checker.py").read_text()
     mods = set()
-    for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.Import):
-            mods |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            mods.add((node.module or "").split(".")[0])
+    for f in sorted((ROOT / "proofs").glob("checker*.py")):  # checker.py and its split-out parts
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                mods.add((node.module or "").split(".")[0])
     assert mods <= {"__future__", "concurrent", "contextlib", "hashlib", "math", "os", "sys", "json", "numpy",
-                    "onnx", "onnxruntime", "threadpoolctl"}, mods
+                    "onnx", "onnxruntime", "threadpoolctl", "", "checker_norms"}, mods
     cert, bad = tmp_path / "cert.json", tmp_path / "bad.json"
     cert.write_text(json.dumps(fx.cert))
     c = copy.deepcopy(fx.cert)

@@ -388,24 +388,27 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
 
 
 def pair_constants(W: np.ndarray, L: float, rounding: float = 0.0) -> np.ndarray:
-    """K[i, j] >= L * ||w_i - w_j||_2 in exact arithmetic (diagonal 0).
-
-    fl(w_j - w_i) has relative error <= u per entry and the computed norm
-    (sum of D squares, sqrt) relative error <= gamma_{D+2}; both are covered by
-    the factor (1 + gamma_{D+4}).  ``rounding`` is a per-entry relative error
-    already present in W (from folding a scale), covered by adding
-    rounding*(||w_i|| + ||w_j||)."""
+    """K[i, j] >= L * ||w_i - w_j||_2 in exact arithmetic (diagonal 0), by the rule the independent
+    checker applies (proofs/gloro_margin.md): with s = fsum(fl(fl(w_j - w_i)^2)) (correctly rounded),
+    K = up(L * up(sqrt(up(up(s + D eta) * up(1 + 8u))))), up = nextafter(., +inf): bit for bit the
+    checker's value, so a certificate's K is accepted.  Rows whose squares overflow fall back to the
+    scaled norm times (1 + gamma_{D+4}).  ``rounding`` is a per-entry relative error already present
+    in W (from folding a scale), covered by adding rounding*(||w_i|| + ||w_j||)."""
     W = np.asarray(W, dtype=np.float64)
     C, D = W.shape
     fac = 1.0 + gamma(D + 4)
+    up8 = math.nextafter(1.0 + 8 * U64, math.inf)
     rows = np.linalg.norm(W, axis=1) * fac
     K = np.zeros((C, C))
     for i in range(C):
-        d = np.linalg.norm(W - W[i], axis=1) * fac
+        s = np.array([math.fsum(v) for v in (W - W[i]) ** 2])
+        k = np.nextafter(np.sqrt(np.nextafter(np.nextafter(s + D * 2.0 ** -1074, np.inf) * up8, np.inf)), np.inf)
+        k = np.nextafter(L * k, np.inf)
+        if not np.all(np.isfinite(k)):                            # squares overflow: the scaled norm
+            k = np.nextafter(np.linalg.norm(W - W[i], axis=1) * fac * L, np.inf) * (1 + 2 * U64)
         if rounding:
-            d = d + rounding * 1.01 * (rows + rows[i])
-        K[i] = d
-    K = np.nextafter(K * L, np.inf) * (1 + 2 * U64)
+            k = np.nextafter(k + np.nextafter(L * rounding * 1.01 * (rows + rows[i]), np.inf), np.inf)
+        K[i] = k
     np.fill_diagonal(K, 0.0)
     return K
 
