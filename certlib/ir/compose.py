@@ -249,7 +249,8 @@ class _Bounder:
         for idx, op, factor, label in items:
             t1 = time.perf_counter()
             n0 = nodes[idx[0]]
-            name = prefix + (n0.name or f"node{idx[0]}")
+            circ = isinstance(factor, tuple) and factor[0] == "circular"   # named after its conv
+            name = prefix + (nodes[idx[-1] if circ else idx[0]].name or f"node{idx[0]}")
             if isinstance(n0, ParallelNode):
                 value, nb = self.parallel(n0, name + "/")
                 node_bounds[idx[0]] = nb

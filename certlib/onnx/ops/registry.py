@@ -183,3 +183,18 @@ def _per_sample(const: np.ndarray, shape: tuple, node) -> np.ndarray:
     while c.ndim > len(shape):
         c = c[0]
     return c
+
+
+def normalize_axis(axis, rank: int, node=None) -> int:
+    """A per-sample axis index (0-based, batch excluded) from an ONNX axis of a
+    tensor of ``rank`` dimensions (batch included; negative counts from the
+    end).  Refuses an axis out of range and the batch axis.  (The rank-aware
+    normaliser of branch ``audit``; merge with branch ``sound``'s.)"""
+    what = f"{node.op_type} axis" if node is not None else "axis"
+    a = int(axis)
+    if not -rank <= a < rank:
+        raise Skip(f"{what} {a} out of range for rank {rank}")
+    a = a + rank if a < 0 else a
+    if a == 0:
+        raise Skip(f"{what} is the batch axis")
+    return a - 1
