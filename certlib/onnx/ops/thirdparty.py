@@ -8,7 +8,7 @@ proofs/thirdparty_forms.md):
   axes, so the composer folds wrap pad + conv into one circular convolution;
 * C: centering, ``Sub(t, ReduceMean(t, axes, keepdims=1))`` (LayerCentering):
   :class:`certlib.ir.norm_ops.CenterNode`, 1-Lipschitz;
-* P: l2-norm pooling, ``Pow(t, 2)`` (or ``Mul(t, t)``) -> ``AveragePool`` ->
+* P: l2-norm pooling, ``Pow(t, 2)`` -> ``AveragePool`` ->
   [``Mul(Sign(a), Relu(Abs(a)))``: equal to a] -> [``Mul(c)``] -> ``Pow(0.5)``
   (or ``Sqrt``): :class:`certlib.ir.norm_ops.L2PoolNode`, Lipschitz
   ``sqrt(c m / taps)`` (the window-overlap rule).
@@ -175,12 +175,9 @@ def _find_l2pool(nodes, ctx, prod, readers, pi):
     if sq is None:
         return None
     n = nodes[sq]
-    if n.op_type == "Pow" and _const_scalar(ctx, n.input[1]) == 2.0:
-        t = n.input[0]
-    elif n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]:
-        t = n.input[0]
-    else:
+    if n.op_type != "Pow" or _const_scalar(ctx, n.input[1]) != 2.0:   # Mul(t, t): the walker sees a branch
         return None
+    t = n.input[0]
     idx = {sq, pi}
     cur = pool.output[0]
     # Mul(Sign(a), Relu(Abs(a))) or Mul(Sign(a), Abs(a)): equals a exactly
