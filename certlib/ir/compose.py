@@ -27,6 +27,7 @@ from certlib.ir.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode,
 from certlib.verifiers.operators import Conv2d, Dense
 from certlib.ir.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
                                _sdp_preflight, _verifier, conv_matrix)
+from certlib.ir.residual import block_bound, scaled_op, slope_residual
 from certlib.ir.blocks import (_sum_rounding_margin, circular_conv, conv_norm_cheap, is_crelu,  # noqa: F401
                             fuse_linear_branches, selection_multiplicity, sqrt_taps_fro)
 
@@ -254,7 +255,7 @@ class _Bounder:
             if isinstance(n0, ParallelNode):
                 value, nb = self.parallel(n0, name + "/")
                 node_bounds[idx[0]] = nb
-                how, label = "composition (SOUNDNESS.md 3)", describe(n0)
+                how, label = getattr(nb, "how", "composition (SOUNDNESS.md 3)"), describe(n0)
             elif isinstance(factor, tuple) and factor[0] == "circular":
                 from certlib.verifiers.svd import circular_conv_bound
 
@@ -312,6 +313,13 @@ class _Bounder:
             value = 0.0
             for L in totals:
                 value = up_add(value, L)
+            res = None if self.estimate_only else slope_residual(node)
+            if res is not None:   # x - B^T Lambda s(Bx + b): max(1, ||Lambda^1/2 B||^2 - 1)
+                c, _ = self.op_bound(scaled_op(*res), 0.0)
+                value = min(value, block_bound(c))
+                nb = ParallelBound(value, inner)
+                nb.how = "slope-restricted residual block (proofs/residual_blocks.md)"
+                return value, nb
         else:  # concat / elementwise max / min: sqrt(sum L_b^2)
             sq = 0.0
             for L in totals:
