@@ -19,7 +19,7 @@ from certlib.ir.op_bounds import conv_matrix
 from certlib.verifiers.operators import Conv2d, Dense
 
 
-def _block(B_op, lam_half, conv: bool, act="relu", alpha=0.0, sign=-1.0, perturb=False):
+def _block(B_op, lam_half, conv: bool, act="relu", alpha=0.0, sign=-1.0, perturb=False, cerr=0.0):
     """x + sign * 2 * B^T diag(lam_half) s(Bx + b): Lambda = -sign * 2 * lam_half."""
     if conv:
         cout = B_op.kernel.shape[0]
@@ -45,7 +45,7 @@ def _block(B_op, lam_half, conv: bool, act="relu", alpha=0.0, sign=-1.0, perturb
     br = [LinearNode("B", "Conv", in_shape, mid, op=B_op),
           AffineNode("bias", "Add", mid, mid, scale=np.ones_like(bias), shift=bias),
           act_node,
-          AffineNode("t", "Mul", mid, mid, scale=scale, shift=np.zeros_like(scale)),
+          AffineNode("t", "Mul", mid, mid, scale=scale, shift=np.zeros_like(scale), const_err=cerr),
           A,
           AffineNode("two", "Mul", in_shape, in_shape, scale=np.array(2.0), shift=np.array(0.0))]
     return ParallelNode("block", "Sub", in_shape, in_shape, branches=[[], br], merge="add", signs=(1.0, sign))
@@ -104,7 +104,9 @@ def test_dense_slope_block_bound(m, n, target, seed, leaky):
     C = np.sqrt(lam)[:, None] * W
     W = W * math.sqrt(target) / np.linalg.svd(C, compute_uv=False)[0]   # ||Lambda^1/2 B||^2 ~ target
     alpha = 0.2 if leaky else 0.0
-    block = _block(Dense(W), lam_half, conv=False, act="leaky_relu" if leaky else "relu", alpha=alpha)
+    # leaky: also a scale stored with relative error 2^-53 (a Div by t): Lambda's bound grows by it
+    block = _block(Dense(W), lam_half, conv=False, act="leaky_relu" if leaky else "relu", alpha=alpha,
+                   cerr=2.0 ** -53 if leaky else 0.0)
     _check(W, lam, block, alpha)
 
 

@@ -303,7 +303,7 @@ ORTHOGONIUM = [
     Case("orthogonium_aoc_circular_dynamo", "orthogonium", _og_aoc_circular, freeze, exporter="dynamo",
          tight=1.02),
     Case("orthogonium_aol_batchcentering", "orthogonium", _og_aol, freeze,
-         layers={"0": "le1", "2": "le1"}, tight=1.02),
+         layers={"0": "le1", "2": "le1"}, tight=1.001),
     Case("orthogonium_abs_channelshuffle", "orthogonium", _og_abs_shuffle, freeze,
          layers={"0": "orthogonal", "3": "orthogonal"}, claim=None, eps=0.05),
     # SLL residuals x - 2 K^T T relu(K x + b): bounded as one block,
@@ -313,4 +313,15 @@ ORTHOGONIUM = [
          eps=0.05),
 ]
 
-CASES = TORCHLIP + ORTHOGONIUM
+def _zoo():
+    """Architectures built from their papers' definitions (tests/zoo_models.py)."""
+    import zoo_models as z
+
+    return [Case("zoo_cpl_dense", "torch", z.cpl_dense, z.plain, tight=1.001, eps=0.05),
+            Case("zoo_cpl_conv", "torch", z.cpl_conv, z.plain, tight=1.001, eps=0.05),
+            Case("zoo_sll_dense", "torch", z.sll_dense, z.plain, tight=1.001, eps=0.05),
+            Case("zoo_aol_dense", "torch", z.aol_dense, z.plain, layers={"1": "le1", "3": "le1"},
+                 tight=1.001, eps=0.05)]
+
+
+CASES = TORCHLIP + ORTHOGONIUM + _zoo()

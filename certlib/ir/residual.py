@@ -81,11 +81,11 @@ def slope_residual(node: ParallelNode):
             if A is not None or not _is_adjoint(n, B):
                 return None
             A = n
-        elif isinstance(n, AffineNode) and not n.const_err and np.all(np.asarray(n.shift) == 0.0):
+        elif isinstance(n, AffineNode) and 0 <= n.const_err < 0.5 and np.all(np.asarray(n.shift) == 0.0):
             v = _vector(n, cout if A is None else 1)
             if v is None or (A is not None and np.asarray(n.scale).size != 1):
                 return None
-            (before if A is None else after).append(v)
+            (before if A is None else after).append((v, float(n.const_err)))
         else:
             return None
     if A is None:
@@ -93,10 +93,11 @@ def slope_residual(node: ParallelNode):
     # Lambda = -sign * prod(after) * prod(before): its exact sign, then an upper bound of |Lambda|
     neg, zero = np.full(cout, sign < 0), np.zeros(cout, dtype=bool)
     mag = np.ones(cout)
-    for v in before + [np.full(cout, float(s[0])) for s in after]:
-        neg ^= v < 0
+    for v, err in before + [(np.full(cout, float(s[0])), e) for s, e in after]:
+        neg ^= v < 0         # the exact constant is within a factor 1 +- err < 1.5 of v: same sign
         zero |= v == 0
-        mag = np.array([up_mul(m, abs(x)) for m, x in zip(mag, v)])
+        grow = up(1.0 + err) if err else 1.0
+        mag = np.array([up_mul(up_mul(m, abs(x)), grow) for m, x in zip(mag, v)])
     mag[zero] = 0.0
     if np.any(~neg & ~zero) or not np.all(np.isfinite(mag)):
         return None     # some Lambda_i < 0 (or overflow): not this rule
