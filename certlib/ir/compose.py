@@ -27,7 +27,7 @@ from certlib.ir.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode,
 from certlib.verifiers.operators import Conv2d, Dense
 from certlib.ir.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
                                _sdp_preflight, _verifier, conv_matrix)
-from certlib.ir.residual import block_bound, scaled_op, slope_residual
+from certlib.ir.residual import block_rule
 from certlib.ir.blocks import (_sum_rounding_margin, circular_conv, conv_norm_cheap, is_crelu,  # noqa: F401
                             fuse_linear_branches, selection_multiplicity, sqrt_taps_fro)
 
@@ -313,13 +313,11 @@ class _Bounder:
             value = 0.0
             for L in totals:
                 value = up_add(value, L)
-            res = None if self.estimate_only else slope_residual(node)
-            if res is not None:   # x - B^T Lambda s(Bx + b): max(1, ||Lambda^1/2 B||^2 - 1)
-                c, _ = self.op_bound(scaled_op(*res), 0.0)
-                value = min(value, block_bound(c))
-                nb = ParallelBound(value, inner)
-                nb.how = "slope-restricted residual block (proofs/residual_blocks.md)"
-                return value, nb
+            res = None if self.estimate_only or value <= 1.0 else block_rule(node, self.op_bound)
+            if res is not None and res[0] < value:   # x + A s(Bx + b) as one block
+                nb = ParallelBound(res[0], inner)
+                nb.how = res[1]
+                return res[0], nb
         else:  # concat / elementwise max / min: sqrt(sum L_b^2)
             sq = 0.0
             for L in totals:

@@ -118,3 +118,22 @@ def block_bound(c_norm: float) -> float:
     """max(1, c^2 - 1), rounded up, from an upper bound c on ||Lambda^(1/2) B||."""
     sq = up_mul(c_norm, c_norm)
     return 1.0 if sq <= 2.0 else up(up_add(sq, -1.0))
+
+
+def block_rule(node: ParallelNode, op_bound) -> tuple[float, str] | None:
+    """The tightest block rule that applies to an add block, or None:
+    x - B^T Lambda s(Bx + b) by the spectral-norm condition (``op_bound`` proves
+    ||Lambda^1/2 B||), else a dense x + A s(Bx + b) by the one-layer LMI
+    (certlib.ir.residual_lmi; cvxpy, re-proven by Rump)."""
+    res = slope_residual(node)
+    if res is not None:
+        c, _ = op_bound(scaled_op(*res), 0.0)
+        return block_bound(c), "slope-restricted residual block (proofs/residual_blocks.md)"
+    from certlib.ir.residual_lmi import dense_block, dense_lmi_bound
+
+    blk = dense_block(node)
+    if blk is not None:
+        b = dense_lmi_bound(*blk)
+        if b is not None:
+            return b, "residual block LMI (cvxpy, re-proven by Rump; proofs/residual_blocks.md)"
+    return None
