@@ -235,3 +235,18 @@ def test_wrap_concat_not_head_tail_is_not_a_wrap():
     w = np.random.default_rng(0).normal(size=(2, 2, 3, 3))
     g, a, lower, upper = check_model(_wrap_model(w, 1, 1, extra_slice=True), attack_steps=20)
     assert not any("circular" in lb.method for lb in a.layers)
+
+
+def test_wrap_concat_two_slices_on_one_side_is_not_a_wrap():
+    """Concat([Slice tail, Slice tail, t]) is not a wrap pad (both copies are
+    kept): the import still reproduces onnxruntime and no circular fold."""
+    big = 2 ** 62
+    ints = {"ax": [2], "tb": [-1], "te": [big], "tb2": [-2], "te2": [big]}
+    nodes = [helper.make_node("Slice", ["x", "tb", "te", "ax"], ["s1"]),
+             helper.make_node("Slice", ["x", "tb2", "te2", "ax"], ["s2"]),
+             helper.make_node("Concat", ["s1", "s2", "x"], ["p"], axis=2, name="pad"),
+             helper.make_node("Conv", ["p", "w"], ["z"], name="conv")]
+    w = np.random.default_rng(0).normal(size=(2, 2, 3, 1))
+    m = head_model(nodes, {"w": w}, (2, 5, 5), "z", 2 * 6 * 5, int_inits=ints)
+    g, a, lower, upper = check_model(m, attack_steps=20)
+    assert not any("circular" in lb.method for lb in a.layers)

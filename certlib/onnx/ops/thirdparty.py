@@ -83,6 +83,8 @@ def _find_wrap(nodes, ctx, prod, readers, ci):
         return None
     t = srcs[0]
     k = ins.index(t)
+    if ins.count(t) != 1 or (len(ins) == 3 and k != 1):
+        return None      # [tail, t, head] or [tail, t] or [t, head] only
     sl = [prod[x] for x in ins if x != t]
     if any(nodes[i].input[0] != t or not all(x in ctx.consts for x in nodes[i].input[1:] if x) for i in sl):
         return None
