@@ -24,8 +24,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from certlib.attack import lipschitz_pair
 from certlib.bounds import Bound, up, up_add, up_mul
 from certlib.certify import certify
 from certlib.data import Dataset
@@ -88,30 +88,6 @@ def head_norm(a: Analysis, method: str) -> float:
     return up_add(b.value, up_mul(float(a.head_rounding) * 1.0001, fro))
 
 
-def best_pair(g: Graph, x: np.ndarray, steps: int = 50, radius: float = 1e-2, seed: int = 0):
-    """Gradient ascent on ||f(x) - f(x')|| / ||x - x'|| over x' near each x
-    (certlib.attack.empirical_lipschitz, keeping the argmax): (ratio, x, x')."""
-    gen = torch.Generator().manual_seed(seed)
-    x0 = torch.as_tensor(np.asarray(x, dtype=np.float64))
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    d = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-    d = d / d.flatten(1).norm(dim=1).view(shape) * radius
-    with torch.no_grad():
-        f0 = g.torch_forward(x0)
-    best = (0.0, None, None)
-    for _ in range(steps):
-        d.requires_grad_(True)
-        ratio = (g.torch_forward(x0 + d) - f0).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)
-        grad, = torch.autograd.grad(ratio.sum(), d)
-        with torch.no_grad():
-            k = int(ratio.argmax())
-            if float(ratio[k]) > best[0]:
-                best = (float(ratio[k]), x0[k].numpy().copy(), (x0[k] + d[k]).numpy().copy())
-            d = d + 0.1 * radius * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
-            d = d / d.flatten(1).norm(dim=1).view(shape) * radius
-    return best
-
-
 def refutes(g: Graph, a: Analysis, x: np.ndarray, xp: np.ndarray, claim: float) -> bool:
     """True when ||f(x) - f(x')|| > claim ||x - x'|| for the exact function:
     the float64 logits are within err of the exact ones, so it suffices that
@@ -139,7 +115,7 @@ def run_audit(g: Graph, data: Dataset, claim: float | None, eps: list, method: s
     head = head_norm(a, method)
     proven = up_mul(float(a.body.value), head)
     stages = [lb.as_dict() for lb in a.layers]
-    ratio, x, xp = best_pair(g, data.x[:n_attack], steps=steps)
+    ratio, x, xp = lipschitz_pair(g, data.x[:n_attack], steps=steps)
     pair = {}
     verdict = "no claim given"
     if x is not None:

@@ -16,7 +16,6 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 from onnx import helper
 
-from certlib.ir.compose import analyze
 from certlib.ir.norm_ops import CenterNode, L2PoolNode
 from certlib.onnx.importer import import_model
 from certlib.onnx.ops.registry import Skip, normalize_axis
