@@ -23,7 +23,7 @@ from certlib.bounds import up, up_sqrt
 from certlib.ir.graph import U64, gamma
 
 #: largest n + m (block input + hidden width) solved
-LMI_MAX_DIM = 320
+LMI_MAX_DIM = 128
 
 
 def _solve(A: np.ndarray, B: np.ndarray, tau: float):
@@ -38,9 +38,13 @@ def _solve(A: np.ndarray, B: np.ndarray, tau: float):
     prob = cp.Problem(cp.Minimize(rho), [M - tau * np.eye(n + m) >> 0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for solver in ("CLARABEL", "SCS"):
+        # SCS first: ~10x faster than CLARABEL here from n + m ~ 100 (the
+        # answer's accuracy does not matter: it is re-proven)
+        for solver, opts in (("SCS", {"eps_abs": 1e-8, "eps_rel": 1e-8, "max_iters": 50_000}), ("CLARABEL", {})):
+            if solver == "CLARABEL" and A.shape[0] + A.shape[1] > 64:
+                break
             try:
-                prob.solve(solver=solver)
+                prob.solve(solver=solver, **opts)
             except Exception:   # noqa: BLE001 - any solver failure: try the next, then give up
                 continue
             if prob.status in ("optimal", "optimal_inaccurate") and rho.value is not None:
