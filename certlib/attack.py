@@ -62,6 +62,12 @@ def empirical_lipschitz(g: Graph, x: np.ndarray, steps: int = 50, radius: float 
                         seed: int = 0) -> float:
     """A LOWER bound on the l2 Lipschitz constant of the logits: maximise
     ||f(x) - f(x')|| / ||x - x'|| by gradient ascent over x' near x."""
+    return lipschitz_pair(g, x, steps, radius, seed)[0]
+
+
+def lipschitz_pair(g: Graph, x: np.ndarray, steps: int = 50, radius: float = 1e-2, seed: int = 0):
+    """The gradient ascent of :func:`empirical_lipschitz`, keeping its argmax:
+    (best ratio, x, x') (x, x' None when the ratio stays 0)."""
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.as_tensor(np.asarray(x, dtype=np.float64))
     shape = (-1,) + (1,) * (x0.ndim - 1)
@@ -69,13 +75,15 @@ def empirical_lipschitz(g: Graph, x: np.ndarray, steps: int = 50, radius: float 
     d = d / d.flatten(1).norm(dim=1).view(shape) * radius
     with torch.no_grad():
         f0 = g.torch_forward(x0)
-    best = 0.0
+    best = (0.0, None, None)
     for _ in range(steps):
         d.requires_grad_(True)
         ratio = (g.torch_forward(x0 + d) - f0).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)
         grad, = torch.autograd.grad(ratio.sum(), d)
         with torch.no_grad():
-            best = max(best, float(ratio.max()))
+            k = int(ratio.argmax())
+            if float(ratio[k]) > best[0]:
+                best = (float(ratio[k]), x0[k].numpy().copy(), (x0[k] + d[k]).numpy().copy())
             d = d + 0.1 * radius * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
             d = d / d.flatten(1).norm(dim=1).view(shape) * radius
     return best

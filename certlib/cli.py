@@ -361,6 +361,24 @@ def attack(
 
 
 @app.command()
+def audit(model: ModelArg, data: DataOpt = "digits", method: MethodOpt = "exact", limit: LimitOpt = None,
+          claim: Optional[float] = typer.Option(None, help="The claimed Lipschitz constant of the logits."),
+          eps: list[str] = typer.Option([], help="Radius for the sound VRA (repeatable)."),
+          steps: int = typer.Option(50, help="Gradient-ascent steps of the empirical search."),
+          input_shape: InputShapeOpt = None, json_out: JsonOpt = None,
+          plot: Optional[Path] = typer.Option(None, help="PNG: proven vs empirical vs claim, VRA vs radius.")):
+    """Is MODEL's claimed Lipschitz constant true?  Proven bound (whole, per stage), empirical pair, verdict
+    (claim proven / refuted by a pair: exit 4 / not proven, with the gap), sound VRA at each --eps."""
+    from certlib.audit import audit_file
+
+    radii, m, ds = [_eps(e) for e in eps], _method(method, False), _data(data, limit)
+    with _progress() as p:
+        p.add_task("auditing")
+        rep = audit_file(model, ds, claim, radii, m, steps, _shape(input_shape))
+    rep.finish(err_console, json_out, plot)   # raises ProofCheckError (exit 4) when refuted
+
+
+@app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="certlib safetensors checkpoint."),
     out: Path = typer.Option(..., help="Output .onnx path."),

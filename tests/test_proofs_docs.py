@@ -73,7 +73,7 @@ def test_chained_fold_margin():
     """proofs/margin_slack.md, "Folds": fl(fl(W s1) s2) against the exact W s1 s2
     (Fractions), with s1 a stored Div scale off by u: the composed relative
     error and the fold margin cover it; min|s1 s2| is bounded below."""
-    from certlib.ir.compose import _fold_rel, _fold_rounding_margin, _smin_down
+    from certlib.ir.fold import _fold_rel, _fold_rounding_margin, _smin_down
     from certlib.ir.graph import AffineNode
     from certlib.verifiers.operators import Dense
 
@@ -100,7 +100,7 @@ def test_chained_fold_margin():
 
 def test_affine_rule_and_fold_margin():
     """proofs/normalisation.md: ||diag(s)|| = max|s|, and the fold margin covers fl(s K) - s K."""
-    from certlib.ir.compose import _fold_rounding_margin
+    from certlib.ir.fold import _fold_rounding_margin
     from certlib.ir.graph import compose_rel
     from certlib.verifiers.operators import Conv2d
 

@@ -53,16 +53,7 @@ N_CERT = 96      # samples certified and attacked (the CLI's --limit)
 #: why a case is expected to be refused today: the node sequences the
 #: exporter emits that certlib does not import yet (when the handler lands the
 #: case XPASSes; then drop it from here).
-PENDING = {
-    "torchlip_l2normpool":
-        "LPPool2d(norm 2, k=s=2) as Pow(h, 2) -> AveragePool(k=2,s=2) -> Sign(a), Relu(Abs(a)) -> "
-        "Mul(sign, relu) -> Mul(4.0) -> Pow(0.5): an l2-norm pool over disjoint windows (1-Lipschitz); "
-        "Pow, Sign and the data-data Mul are refused",
-    "torchlip_lprelu_layercentering":
-        "LayerCentering as ReduceMean(h, axes=[-2,-1], keepdims=1), Sub(h, mean) (broadcast [8,8,8] - "
-        "[8,1,1]), Add(bias[1,8,1,1]): I - mean-projection per channel, 1-Lipschitz; ReduceMean has no "
-        "handler and the broadcasting Sub is refused (LPReLU's Clip(slope)+Unsqueeze+PRelu imports)",
-}
+PENDING: dict = {}
 
 
 def _param(case):

@@ -232,10 +232,13 @@ TORCHLIP = [
     # MaxMin = concat(relu h, relu -h): the CReLU rule bounds it by exactly 1
     Case("torchlip_maxmin_unshuffle", "deel.torchlip", _tl_maxmin_unshuffle, torchlip_vanilla,
          layers={"0": "le1", "5": "orthogonal"}, steps=120, lr=0.03, eps=0.02),
+    # LPPool2d(2) as Pow -> AveragePool -> Mul(Sign, Relu(Abs)) -> Mul(4) -> Pow(0.5):
+    # one l2-norm pool, disjoint windows: exactly 1 (proofs/thirdparty_forms.md)
     Case("torchlip_l2normpool", "deel.torchlip", _tl_l2pool, torchlip_vanilla,
-         layers={"0": "le1", "4": "orthogonal"}),
+         layers={"0": "le1", "4": "orthogonal"}, tight=1.001),
+    # LayerCentering as ReduceMean + Sub: an orthogonal projection, exactly 1
     Case("torchlip_lprelu_layercentering", "deel.torchlip", _tl_lprelu_centering, torchlip_vanilla,
-         layers={"0": "le1", "4": "orthogonal"}),
+         layers={"0": "le1", "4": "orthogonal"}, tight=1.001),
     Case("torchlip_lipresidual", "deel.torchlip", _TlResidual, torchlip_vanilla,
          layers={"stem": "le1", "conv": "le1", "head": "orthogonal"}, tight=1.02),
 ]
@@ -292,21 +295,33 @@ ORTHOGONIUM = [
     Case("orthogonium_aoc_zero_padding", "orthogonium", _og_aoc_zeros, freeze,
          layers={"0": "orthogonal", "2": "orthogonal", "4": "orthogonal",
                  "7": "orthogonal"}, tight=1.02),
-    # circular padding exported as Slice + Concat (legacy): sound, each padded
-    # axis costs sqrt(2) (an edge entry is copied twice); the dynamo export's
-    # Pad(wrap) + Conv is recognised as one circular convolution (exactly 1)
+    # circular padding exported as Slice + Concat on H then W (legacy) is
+    # recognised as one wrap pad, and wrap pad + Conv as one circular
+    # convolution (exactly 1), as the dynamo export's Pad(wrap) + Conv
     Case("orthogonium_aoc_circular_legacy", "orthogonium", _og_aoc_circular, freeze,
-         layers={"0": "orthogonal", "2": "orthogonal"}),
+         layers={"0": "orthogonal", "2": "orthogonal"}, tight=1.001),
     Case("orthogonium_aoc_circular_dynamo", "orthogonium", _og_aoc_circular, freeze, exporter="dynamo",
          tight=1.02),
     Case("orthogonium_aol_batchcentering", "orthogonium", _og_aol, freeze,
-         layers={"0": "le1", "2": "le1"}, tight=1.02),
+         layers={"0": "le1", "2": "le1"}, tight=1.001),
     Case("orthogonium_abs_channelshuffle", "orthogonium", _og_abs_shuffle, freeze,
          layers={"0": "orthogonal", "3": "orthogonal"}, claim=None, eps=0.05),
-    # SLL residuals x - 2 K^T T relu(K x + b) are 1-Lipschitz by the SLL
-    # theorem; certlib's rules give 1 + ||2 T|| ||K||^2 per block, ~16 in all,
-    # so only small radii certify
-    Case("orthogonium_sll_blocks", "orthogonium", _og_sll, freeze, layers={"0": "orthogonal"}, eps=0.005),
+    # SLL residuals x - 2 K^T T relu(K x + b): bounded as one block,
+    # max(1, ||(2T)^1/2 K||^2 - 1) = 1 (proofs/residual_blocks.md; the
+    # composition rule gave 1 + ||2 T|| ||K||^2 per block, ~16 in all)
+    Case("orthogonium_sll_blocks", "orthogonium", _og_sll, freeze, layers={"0": "orthogonal"}, tight=1.001,
+         eps=0.05),
 ]
 
-CASES = TORCHLIP + ORTHOGONIUM
+def _zoo():
+    """Architectures built from their papers' definitions (tests/zoo_models.py)."""
+    import zoo_models as z
+
+    return [Case("zoo_cpl_dense", "torch", z.cpl_dense, z.plain, tight=1.001, eps=0.05),
+            Case("zoo_cpl_conv", "torch", z.cpl_conv, z.plain, tight=1.001, eps=0.05),
+            Case("zoo_sll_dense", "torch", z.sll_dense, z.plain, tight=1.001, eps=0.05),
+            Case("zoo_aol_dense", "torch", z.aol_dense, z.plain, layers={"1": "le1", "3": "le1"},
+                 tight=1.001, eps=0.05)]
+
+
+CASES = TORCHLIP + ORTHOGONIUM + _zoo()
