@@ -28,6 +28,8 @@ _API = {
     "RECIPES": "certlib.train",
 }
 
+_CALLABLE_MODULES = ("verify", "attack", "train")
+
 __all__ = ["__version__", *_API]
 
 
@@ -38,8 +40,8 @@ def __getattr__(name):
     import importlib
 
     module = importlib.import_module(mod)
-    # certlib.train is both the training package and, callable, certlib.train(config)
-    value = module if name == "train" else getattr(module, name)
+    # verify/attack/train: a submodule of that name is the callable (certlib/_callable.py)
+    value = importlib.import_module(f"certlib.{name}") if name in _CALLABLE_MODULES else getattr(module, name)
     globals()[name] = value
     return value
 

@@ -10,16 +10,7 @@ from certlib.train.loop import train
 __all__ = ["TrainConfig", "train", "preset_config", "RECIPES", "ConfigError", "eps_at", "lr_at"]
 
 
-import sys as _sys
-import types as _types
+from certlib._callable import make_callable as _make_callable
 
-
-class _CallableModule(_types.ModuleType):
-    """``certlib.train(config)`` runs :func:`train`: the package is also the function
-    users look for at the top of certlib (docs/api.md)."""
-
-    def __call__(self, config, **kwargs):
-        return train(config, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
+# certlib.train(config) runs train(config) (docs/api.md)
+_make_callable(__name__, "certlib.train.loop:train", "certlib.train(config): run the trainer")
