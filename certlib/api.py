@@ -163,6 +163,11 @@ def lipschitz_bound(model, method: str = "exact", *, input_shape: tuple | None =
     from certlib.verifiers.svd import dense_bound
 
     m = load_model(model, input_shape)
+    if m.module is not None:   # the bound must be the module's: compare it with the export on random inputs
+        from certlib.api_torch import check_module
+
+        x = np.random.default_rng(0).random((8, *m.input_shape)).astype(np.float32)
+        check_module(m.module, m.graph.forward(x)[0], x, m.device)
     a = m.analysis(_method(method))
     body = require_bound(a.body, "the body bound")
     W = np.asarray(a.head_weight, dtype=np.float64)

@@ -72,6 +72,8 @@ def test_a_module_that_differs_from_its_export_is_refused():
     sneaky.shift = 0.5                      # the module now computes something else than the ONNX
     with pytest.raises(ModelMismatchError, match="does not reproduce the torch module"):
         certlib.verify(model, "digits", 0.1, limit=16)
+    with pytest.raises(ModelMismatchError):
+        certlib.lipschitz_bound(model)
 
 
 def test_check_module_refuses_a_different_prediction():
