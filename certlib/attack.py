@@ -87,3 +87,9 @@ def lipschitz_pair(g: Graph, x: np.ndarray, steps: int = 50, radius: float = 1e-
             d = d + 0.1 * radius * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
             d = d / d.flatten(1).norm(dim=1).view(shape) * radius
     return best
+
+
+# certlib.attack(...) is the public API function (certlib/_callable.py)
+from certlib._callable import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__, "certlib.api:attack", "certlib.attack: see certlib.api")

@@ -38,6 +38,7 @@ EstimateOnlyOpt = Annotated[bool, typer.Option("--estimate-only", help=(
     "Use raw power-iteration ESTIMATES (what published code does); reported with \"sound\": false. "
     "Never a certificate."))]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write one self-contained HTML report here.")]
 
 
 def _shape(text: Optional[str]):
@@ -102,6 +103,7 @@ def verify(
     plot: Optional[Path] = typer.Option(None, help="Write a certified-accuracy-vs-radius PNG."),
     proof: Optional[Path] = typer.Option(None, "--proof", help="Write a certificate (JSON) that "
                                          "`certlib check` re-verifies independently (proofs/certificate.md)."),
+    report: ReportOpt = None,
 ) -> None:
     """Certify MODEL on a dataset at radius EPS and print the report."""
     from certlib.report import print_report, write_json, write_plot, write_tsv
@@ -130,8 +132,12 @@ def verify(
             write_tsv(rep, ds.y, tsv)
         if plot:
             write_plot(rep, plot)
-    elif tsv or plot:
-        err_console.print("[yellow]--tsv/--plot need sound certification; skipped with --estimate-only[/]")
+        if report:
+            from certlib.report import write_html
+
+            write_html(rep, ds.y, report)
+    elif tsv or plot or report:
+        err_console.print("[yellow]--tsv/--plot/--report need sound certification; skipped with --estimate-only[/]")
     if proof:
         from certlib.certificate import write_certificate
 

@@ -146,3 +146,9 @@ def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exac
                        fold_inputs=fold_inputs)
     rep.seconds = {"import": t_import, **rep.seconds}
     return rep
+
+
+# certlib.verify(...) is the public API function (certlib/_callable.py)
+from certlib._callable import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__, "certlib.api:verify", "certlib.verify: see certlib.api")

@@ -8,3 +8,9 @@ from certlib.train.config import RECIPES, ConfigError, TrainConfig, eps_at, lr_a
 from certlib.train.loop import train
 
 __all__ = ["TrainConfig", "train", "preset_config", "RECIPES", "ConfigError", "eps_at", "lr_at"]
+
+
+from certlib._callable import make_callable as _make_callable
+
+# certlib.train(config) runs train(config) (docs/api.md)
+_make_callable(__name__, "certlib.train.loop:train", "certlib.train(config): run the trainer")

@@ -1,5 +1,6 @@
-"""Reports: rich tables (stderr), JSON, TSV (one row per sample) and the
-certified-accuracy-vs-radius curve."""
+"""Reports: rich tables (stderr), JSON, TSV (one row per sample), the
+certified-accuracy-vs-radius curve and (:mod:`certlib.report.html`) one
+self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -60,13 +61,23 @@ def write_json(rep: VerifyReport, path: str | Path) -> None:
     Path(path).write_text(json.dumps(rep.as_json(), indent=2) + "\n")
 
 
-def write_tsv(rep: VerifyReport, labels: np.ndarray, path: str | Path) -> None:
+def tsv_text(rep: VerifyReport, labels: np.ndarray) -> str:
     r = rep.result
     lines = ["\t".join(TSV_COLUMNS)]
     for i in range(r.n):
         lines.append(f"{i}\t{int(labels[i])}\t{int(r.pred[i])}\t{int(r.correct[i])}\t"
                      f"{int(r.certified[i])}\t{float(r.radius[i]):.9g}")
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_tsv(rep: VerifyReport, labels: np.ndarray, path: str | Path) -> None:
+    Path(path).write_text(tsv_text(rep, labels))
+
+
+def write_html(rep: VerifyReport, labels: np.ndarray, path: str | Path, attack: dict | None = None) -> None:
+    from certlib.report.html import html_report
+
+    Path(path).write_text(html_report(rep, labels, attack=attack), encoding="utf-8")
 
 
 def certified_curve(radius: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> np.ndarray:
