@@ -22,9 +22,10 @@ from certlib.ir.graph import U64
 TINY = 2.0 ** -900
 
 
-def settled(f32: np.ndarray, e32: np.ndarray, K: np.ndarray, eps: float):
+def settled(f32: np.ndarray, e32: np.ndarray, K: np.ndarray, eps: float, other: float = 1.0):
     """(mask of the samples whose float32 decision -- prediction, certified
-    or not -- equals the float64 path's, and whether each is certified)."""
+    or not -- equals the float64 path's, and whether each is certified).
+    ``other``: the float64 path's error bound is at most ``other * e32``."""
     f = np.asarray(f32, dtype=np.float64)
     N, C = f.shape
     e = np.asarray(e32, dtype=np.float64)
@@ -34,8 +35,8 @@ def settled(f32: np.ndarray, e32: np.ndarray, K: np.ndarray, eps: float):
     with np.errstate(invalid="ignore", over="ignore"):
         pred = np.argmax(np.where(np.isfinite(f), f, -np.inf), axis=1)
         raw = f[np.arange(N), pred][:, None] - f
-        band = (2 * SQRT2_UP * (1 + 2.0 ** -20)) * (2 * e)[:, None] + 8 * U64 * np.abs(raw) + TINY
-        slack64 = (SQRT2_UP * (1 + 2.0 ** -20)) * e[:, None] + 8 * U64 * (np.abs(raw) + band) + TINY
+        band = (2 * SQRT2_UP * (1 + 2.0 ** -20)) * ((1 + other) * e)[:, None] + 8 * U64 * np.abs(raw) + TINY
+        slack64 = (SQRT2_UP * (1 + 2.0 ** -20)) * (other * e)[:, None] + 8 * U64 * (np.abs(raw) + band) + TINY
         epsK = eps * K[pred]
         others = np.ones((N, C), dtype=bool)
         others[np.arange(N), pred] = False
@@ -45,13 +46,13 @@ def settled(f32: np.ndarray, e32: np.ndarray, K: np.ndarray, eps: float):
     return finite & pred_ok & (yes | no), yes
 
 
-def certify_fast(f32, e32, labels, K, body, eps, fallback) -> tuple:
+def certify_fast(f32, e32, labels, K, body, eps, fallback, other: float = 1.0) -> tuple:
     """Certify with float32 logits where settled; ``fallback(indices)`` returns
     float64 (logits, err) for the others.  Returns (Result, logits, err,
     recomputed indices), with the float64 values in the recomputed rows."""
     f = np.array(f32, dtype=np.float64)
     e = np.array(e32, dtype=np.float64)
-    ok, yes = settled(f, e, K, eps)
+    ok, yes = settled(f, e, K, eps, other)
     # safety net: certify() itself on the float32 values must agree with the
     # band's decision (it does whenever the band argument holds)
     r32 = certify(f, e, labels, K, body, eps)

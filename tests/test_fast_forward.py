@@ -65,6 +65,11 @@ def test_float32_logits_within_bound(digits):
     # the float64 path's reported error is far below the float32 one (the
     # band in fast_certify assumes e64 <= e32)
     assert np.all(e64 <= e32 * 2.0 ** -20)
+    # the float64 tier with the a priori bound: covers the truth, and the
+    # float64 path's own bound is below it (its band assumes e64 <= 2 e_t2)
+    f_t2, e_t2 = predict_fast(g, digits.x, a.node_bounds, dtype=torch.float64)
+    assert np.all(np.linalg.norm(f_t2 - f64, axis=1) <= e_t2 + e64)
+    assert np.all(e64 <= e_t2)
 
 
 def _same(g, ds, eps):
@@ -113,6 +118,7 @@ def test_tiny_margin_falls_back_to_float64(digits):
     eps = float(np.median(certify(f64, e64, digits.y, a.K, a.body, 0.0).radius))
     f, s = _same(g, digits, eps)
     assert f.fast["recomputed_float64"] > 0
+    assert f.fast["float64_path"] < f.fast["recomputed_float64"]  # the a priori float64 tier decided most
 
 
 def test_settled_band():

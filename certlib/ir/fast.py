@@ -56,9 +56,10 @@ KNOWN_FIELDS = {
 }
 
 
-def gamma32(n: int) -> float:
-    """gamma_n = n u / (1 - n u) for float32, rounded up generously."""
-    nu = n * U32
+def gamma32(n: int, u: float = U32) -> float:
+    """gamma_n = n u / (1 - n u) for unit roundoff u (default float32's),
+    rounded up generously."""
+    nu = n * u
     if nu >= 0.25:
         raise ValueError("dot product too long for the float32 error model")
     return up((nu / (1.0 - nu)) * (1.0 + 8 * U64))
@@ -108,7 +109,9 @@ def _f32_exact(v) -> bool:
     return bool(np.all(a.astype(np.float32).astype(np.float64) == a) | np.isinf(a))
 
 
-def _prep_node(node, device):
+def _prep_node(node, device, dtype=torch.float32):
+    u = U32 if dtype == torch.float32 else U64
+    npdt = np.float32 if dtype == torch.float32 else np.float64
     if not _check_fields(node):
         return None
     if isinstance(node, LinearNode):
@@ -123,11 +126,11 @@ def _prep_node(node, device):
             per = out_entries // max(1, np.size(node.bias))
             B = up(float(np.linalg.norm(np.abs(node.bias))) * (1 + gamma(np.size(node.bias) + 2))
                    * math.sqrt(per) * (1 + 4 * U64))
-            b = torch.as_tensor(np.asarray(node.bias, dtype=np.float32), device=device)
-        g = gamma32(n)
+            b = torch.as_tensor(np.asarray(node.bias, dtype=npdt), device=device)
+        g = gamma32(n, u)
         # |fl32(W32 x + b32) - (W x + b)| <= (gamma_n (1 + u) + u)(|W||x| + |b|) + n TINY32
-        coef = up((g * (1 + U32) + U32) * (1 + 8 * U64))
-        return _Lin(torch.as_tensor(np.asarray(w, dtype=np.float32), device=device), b,
+        coef = up((g * (1 + u) + u) * (1 + 8 * U64))
+        return _Lin(torch.as_tensor(np.asarray(w, dtype=npdt), device=device), b,
                     abs_norm_bound(w, not isinstance(op, Dense), getattr(op, 'groups', 1)), B, coef, out_entries, n)
     if isinstance(node, AffineNode):
         scale = np.asarray(node.scale, dtype=np.float64)
@@ -138,9 +141,9 @@ def _prep_node(node, device):
         c = float(node.const_err)
         # s32 = s(1+c)(1+d1), fl(s32 x) one more d, t32 = t(1+c)(1+d), + one add:
         # relative <= (1+c)(1+u)^3 - 1 <= (c + 3u)(1 + c + 3u) for small c
-        k = up((c + 3 * U32) * (1 + c + 3 * U32) * (1 + 8 * U64))
-        return ("affine", torch.as_tensor(scale.astype(np.float32), device=device),
-                torch.as_tensor(shift.astype(np.float32), device=device),
+        k = up((c + 3 * u) * (1 + c + 3 * u) * (1 + 8 * U64))
+        return ("affine", torch.as_tensor(scale.astype(npdt), device=device),
+                torch.as_tensor(shift.astype(npdt), device=device),
                 up(float(np.max(np.abs(scale))) * (1 + c) * (1 + 4 * U64)) if scale.size else 1.0,
                 up(t_norm * (1 + gamma(entries + 2))), k, entries)
     if isinstance(node, ActivationNode):
@@ -155,8 +158,8 @@ def _prep_node(node, device):
                 return None
             params = dict(node.params)
             if key == "slope":
-                params[key] = torch.as_tensor(np.asarray(params[key], dtype=np.float32), device=device)
-            return ("scaled", params)
+                params[key] = torch.as_tensor(np.asarray(params[key], dtype=npdt), device=device)
+            return ("scaled", params, u)
         return None
     if isinstance(node, (ReshapeNode, IndexNode)):
         return ("exact",)
@@ -165,11 +168,11 @@ def _prep_node(node, device):
             return None
         inner = []
         for br in node.branches:
-            p = [_prep_node(m, device) for m in br]
+            p = [_prep_node(m, device, dtype) for m in br]
             if any(x is None for x in p):
                 return None
             inner.append(p)
-        return ("parallel", inner)
+        return ("parallel", inner, u)
     return None
 
 
@@ -178,12 +181,13 @@ class FastGraph:
     graph: Graph
     prepared: list
     device: torch.device
+    dtype: torch.dtype = torch.float32
 
 
 GRAPH_FIELDS = {"input_name", "input_shape", "output_name", "nodes", "num_classes", "dropped_output", "batch"}
 
 
-def prepare(g: Graph, device: str | torch.device = "cpu") -> FastGraph | None:
+def prepare(g: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FastGraph | None:
     """Float32 constants and error constants per node, or None when some node
     (or the graph) is outside the error model (then use the float64 path)."""
     device = torch.device(device)
@@ -191,11 +195,11 @@ def prepare(g: Graph, device: str | torch.device = "cpu") -> FastGraph | None:
         return None
     prepared = []
     for node in g.nodes:
-        p = _prep_node(node, device)
+        p = _prep_node(node, device, dtype)
         if p is None:
             return None
         prepared.append(p)
-    return FastGraph(g, prepared, device)
+    return FastGraph(g, prepared, device, dtype)
 
 
 @contextlib.contextmanager
@@ -227,7 +231,8 @@ def _norm_up(h: torch.Tensor) -> torch.Tensor:
     if len(flat) == 0:
         return torch.zeros(0, dtype=torch.float64)
     s = torch.cat([c.double().square().sum(dim=1) for c in flat.split(16)])
-    return (s.sqrt() * (1 + 2 * gamma(n + 2))).cpu()
+    # + an allowance for squares below the normal range (float64 inputs)
+    return (s.sqrt() * (1 + 2 * gamma(n + 2)) + math.sqrt(n * (n + 2)) * 2.0 ** -537).cpu()
 
 
 def _linear32(node: LinearNode, p: _Lin, h: torch.Tensor) -> torch.Tensor:
@@ -270,11 +275,11 @@ def _apply(node, p, h: torch.Tensor, bound, hn: torch.Tensor):
             y = torch.where(h >= 0, h, h * float(prm["alpha"]))
         # alpha*x rounds once: |err| <= u|exact| <= u/(1-u)|computed| (+ underflow)
         entries = int(np.prod(node.out_shape))
-        return y, _norm_up(y) * (U32 * (1 + 2 * U32)) + math.sqrt(entries) * TINY32
-    return _parallel(node, p[1], h, bound, hn)
+        return y, _norm_up(y) * (p[2] * (1 + 2 * p[2])) + math.sqrt(entries) * TINY32
+    return _parallel(node, p[1], h, bound, hn, p[2])
 
 
-def _parallel(node: ParallelNode, inner_p, h, bound, hn):
+def _parallel(node: ParallelNode, inner_p, h, bound, hn, u):
     outs, errs = [], []
     inner = bound.branches
     for k, br in enumerate(node.branches):
@@ -293,7 +298,7 @@ def _parallel(node: ParallelNode, inner_p, h, bound, hn):
             out = out + y if s == 1 else out - y
         mags = sum(_norm_up(y) for y in outs)
         entries = int(np.prod(node.out_shape))
-        rnd = sum(errs) + mags * gamma32(max(1, len(outs) - 1)) + math.sqrt(entries) * len(outs) * TINY32
+        rnd = sum(errs) + mags * gamma32(max(1, len(outs) - 1), u) + math.sqrt(entries) * len(outs) * TINY32
         return out, rnd * (1 + 4 * U64)
     if node.merge == "concat":
         out = torch.cat(outs, dim=node.axis + 1)
@@ -305,14 +310,14 @@ def _parallel(node: ParallelNode, inner_p, h, bound, hn):
 
 
 def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
-    """Float32 logits (as float64 numpy, exactly) and a per-sample bound on
-    their l2 distance to the exact-arithmetic logits of the IR."""
+    """Logits in ``fg.dtype`` (float32, or float64 for the a priori float64
+    tier; returned as float64 numpy, exactly) and a per-sample bound on their
+    l2 distance to the exact-arithmetic logits of the IR."""
     with torch.no_grad(), ieee_float32():
-        h = torch.as_tensor(np.asarray(x), device=fg.device).to(torch.float32)
-        # the input itself: float64 data rounded to float32 (relative u each)
+        h = torch.as_tensor(np.asarray(x), device=fg.device).to(fg.dtype)
+        # the input itself: float64 data rounded to float32 (relative u each), measured
         x64 = torch.as_tensor(np.asarray(x, dtype=np.float64))
-        err = ((h.cpu().double() - x64).reshape(len(x64), -1).abs().square().sum(dim=1).sqrt()
-               * (1 + 2 * gamma(int(np.prod(x64.shape[1:])) + 2)))
+        err = _norm_up(h.cpu().double() - x64) * (1 + 2 * U64)  # + the subtraction's rounding
         hn = _norm_up(h)
         for node, p, nb in zip(fg.graph.nodes, fg.prepared, node_bounds):
             h, rnd = _apply(node, p, h, nb, hn)
