@@ -38,6 +38,8 @@ EstimateOnlyOpt = Annotated[bool, typer.Option("--estimate-only", help=(
     "Use raw power-iteration ESTIMATES (what published code does); reported with \"sound\": false. "
     "Never a certificate."))]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda | auto (cuda when available): where the float32 "
+                                             "fast forward runs (proofs/fast_forward.md).")]
 
 
 def _shape(text: Optional[str]):
@@ -102,6 +104,7 @@ def verify(
     plot: Optional[Path] = typer.Option(None, help="Write a certified-accuracy-vs-radius PNG."),
     proof: Optional[Path] = typer.Option(None, "--proof", help="Write a certificate (JSON) that "
                                          "`certlib check` re-verifies independently (proofs/certificate.md)."),
+    device: DeviceOpt = "auto",
 ) -> None:
     """Certify MODEL on a dataset at radius EPS and print the report."""
     from certlib.report import print_report, write_json, write_plot, write_tsv
@@ -121,7 +124,7 @@ def verify(
         rep = verify_file(model, ds, e, m, input_shape=_shape(input_shape), batch_size=batch_size,
                           estimate_only=estimate_only, progress=prog,
                           # certificates bound input normalisation on its own (as the checker does)
-                          fold_inputs=proof is None)
+                          fold_inputs=proof is None, device=device)
     print_report(rep, err_console)
     if json_out:
         write_json(rep, json_out)
