@@ -1,6 +1,9 @@
 """The ``certlib`` command.  Tables and progress go to stderr; stdout stays
 parseable (JSON summaries only when asked).  Exit codes: 0 done, 2 usage
-error, 3 model not supported, 4 proof check failed."""
+error, 3 model not supported, 4 proof check failed.
+
+Shared options live in :mod:`certlib.cli_common`; ``train`` and ``export`` in
+:mod:`certlib.cli_train`."""
 
 from __future__ import annotations
 
@@ -8,84 +11,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 from rich.markup import escape
-from rich.console import Console
 
 from certlib._version import __version__
-from certlib.errors import CertlibError, ProofCheckError as ProofFailure, UsageError
-
-err_console = Console(stderr=True)
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="Deterministic, sound l2 robustness certification (LiResNet / GloRo).\n\n"
-                       "Every certified claim rests on proven Lipschitz upper bounds, never on estimates.")
-
-METHOD_HELP = ("Lipschitz verifier: exact (SVD / FFT blocks + rigorous margin), power (power iteration "
-               "proven by a Cholesky certificate), sdp (cvxpy, re-proven).")
-DATA_HELP = ("digits | npz:PATH | cifar10:DIR | cifar100:DIR | tinyimagenet:DIR | imagenet:DIR | "
-             "imagefolder:DIR (test split).")
-
-# the options several commands share, defined once
-ModelArg = Annotated[Path, typer.Argument(help="ONNX model (one input N,C,H,W in [0,1], one logits output).")]
-DataOpt = Annotated[str, typer.Option(help=DATA_HELP)]
-EpsOpt = Annotated[str, typer.Option(help="l2 radius; fractions such as 36/255 are accepted.")]
-MethodOpt = Annotated[str, typer.Option(help=METHOD_HELP)]
-LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N samples.")]
-InputShapeOpt = Annotated[Optional[str], typer.Option(help="C,H,W when the model's input shape is dynamic.")]
-EstimateOnlyOpt = Annotated[bool, typer.Option("--estimate-only", help=(
-    "Use raw power-iteration ESTIMATES (what published code does); reported with \"sound\": false. "
-    "Never a certificate."))]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")]
-ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write one self-contained HTML report here.")]
-
-
-def _shape(text: Optional[str]):
-    if not text:
-        return None
-    try:
-        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UsageError(f"--input-shape must look like 3,32,32, got {text!r}") from None
-    if not dims or min(dims) <= 0:
-        raise UsageError(f"--input-shape dimensions must be positive, got {text!r}")
-    return dims
-
-
-def _progress():
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                    console=err_console, transient=True)
-
-
-def _eps(text: str) -> float:
-    from certlib.certify import parse_eps
-
-    try:
-        return parse_eps(text)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def _data(spec: str, limit: Optional[int]):
-    from certlib.data import DataError, load
-
-    if limit is not None and limit < 1:
-        raise UsageError("--limit must be >= 1")
-    try:
-        return load(spec, "test").take(limit)
-    except DataError as e:
-        raise UsageError(str(e)) from None
-
-
-def _method(method: str, estimate_only: bool) -> str:
-    from certlib.ir.compose import METHODS
-
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    return method
+from certlib.cli_common import (DeviceOpt, EpsOpt, EstimateOnlyOpt, InputShapeOpt, JsonOpt, LimitOpt,  # noqa: F401
+                                MethodOpt, ModelArg, ReportOpt, DataOpt, UsageError, _data, _eps, _method, _progress,
+                                _shape, app, err_console)
+from certlib.errors import CertlibError, ProofCheckError as ProofFailure
 
 
 @app.command()
@@ -104,6 +39,7 @@ def verify(
     proof: Optional[Path] = typer.Option(None, "--proof", help="Write a certificate (JSON) that "
                                          "`certlib check` re-verifies independently (proofs/certificate.md)."),
     report: ReportOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Certify MODEL on a dataset at radius EPS and print the report."""
     from certlib.report import print_report, write_json, write_plot, write_tsv
@@ -123,7 +59,7 @@ def verify(
         rep = verify_file(model, ds, e, m, input_shape=_shape(input_shape), batch_size=batch_size,
                           estimate_only=estimate_only, progress=prog,
                           # certificates bound input normalisation on its own (as the checker does)
-                          fold_inputs=proof is None)
+                          fold_inputs=proof is None, device=device)
     print_report(rep, err_console)
     if json_out:
         write_json(rep, json_out)
@@ -229,89 +165,6 @@ def bounds(
 
 
 @app.command()
-def train(
-    preset: str = typer.Option("digits", help="Model + recipe preset: digits, cifar10, cifar10-l18w256, "
-                                              "cifar100, cifar100-l18w256, tinyimagenet, imagenet, "
-                                              "imagenet-eps1 (the published run each reproduces: README)."),
-    data: Optional[str] = typer.Option(None, help=DATA_HELP.replace("(test split)", "(default: the preset's)")),
-    width: Optional[int] = typer.Option(None, help="Backbone width (0: the preset's)."),
-    depth: Optional[int] = typer.Option(None, help="Residual blocks (0: the preset's)."),
-    dense_dim: Optional[int] = typer.Option(None, help="Neck dense width (0: the preset's)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/PRESET)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs."),
-    batch_size: Optional[int] = typer.Option(None, help="GLOBAL batch size (split across torchrun ranks)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay."),
-    warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before the cosine decay."),
-    min_lr_ratio: Optional[float] = typer.Option(None, help="Cosine decays to this fraction of --lr."),
-    grad_clip: Optional[float] = typer.Option(None, help="Gradient-norm clip (0: off)."),
-    loss: Optional[str] = typer.Option(None, help="emma | margin | trades | ce (default: the preset's)."),
-    eps: Optional[str] = typer.Option(None, help="Target (test) l2 eps, e.g. 36/255; training ramps "
-                                                 "eps-start*eps -> eps-end*eps over the first half."),
-    eps_start: Optional[float] = typer.Option(None, help="Training eps at epoch 0, as a fraction of --eps."),
-    eps_end: Optional[float] = typer.Option(None, help="Training eps from mid-run on, as a fraction of --eps."),
-    extra_eps: Optional[str] = typer.Option(None, help="More test radii, comma-separated (e.g. 1.0); "
-                                                       "'' for none."),
-    trades_lambda: Optional[float] = typer.Option(None, help="lambda of the trades loss."),
-    power_iters: Optional[int] = typer.Option(None, help="Power iterations per training step."),
-    eval_power_iters: Optional[int] = typer.Option(None, help="Extra power iterations for the "
-                                                              "training-time VRA estimate."),
-    augment: Optional[str] = typer.Option(None, help="none | flip | crop-flip | resize-crop-flip."),
-    crop_pad: Optional[int] = typer.Option(None, help="Zero padding of the random crop (crop-flip)."),
-    resize: Optional[int] = typer.Option(None, help="resize-crop-flip: shorter side before the crop."),
-    workers: Optional[int] = typer.Option(None, help="Loader processes per rank for folder data "
-                                                     "(-1: auto, 0: in-process)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0: torch's default)."),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA; paper presets: fp32) | fp32 | tf32 | bf16 | fp64; power "
-                                                       "iteration and margins always run in float32."),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
-                                                 help="channels_last memory format (default: on for CUDA)."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the network."),
-    save_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps (0: epoch ends only)."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
-                                          help="Continue from OUT/checkpoints when there is one."),
-    eval_every: Optional[int] = typer.Option(None, help="Epochs between test evaluations (0: auto)."),
-    eval_limit: Optional[int] = typer.Option(None, help="Test samples for the training-time estimate (0: all)."),
-    log_every: Optional[int] = typer.Option(None, help="Also log a step record every N steps (0: off)."),
-    plot: Optional[bool] = typer.Option(None, "--plot/--no-plot", help="Write curves.png."),
-    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify",
-                                          help="Sound VRA of the exported model at the end."),
-    verify_method: Annotated[Optional[str], typer.Option(help=METHOD_HELP)] = None,
-    verify_limit: Optional[int] = typer.Option(None, help="Test samples certified at the end (0: all)."),
-) -> None:
-    """Train a LiResNet (EMMA loss by default); writes checkpoint.safetensors, model.onnx, metrics.jsonl,
-    curves.png and the sound VRA.  Data parallel: torchrun --nproc_per_node=N -m certlib.cli train ..."""
-    args = dict(locals())  # every TrainConfig field but preset, as given (None: the preset's value)
-    args.pop("preset")
-    from certlib.data import DataError
-    from certlib.train import preset_config, train as run_train
-
-    try:
-        if eps is not None:
-            args["eps"] = _eps(eps)
-        if extra_eps is not None:
-            args["extra_eps"] = [_eps(e) for e in extra_eps.split(",") if e.strip()]
-        if out is not None:
-            args["out"] = str(out)
-        if verify_method is not None:
-            _method(verify_method, False)
-        cfg = preset_config(preset, **args)
-        cfg.validate()
-        summary = run_train(cfg)
-    except (ValueError, DataError) as e:
-        raise UsageError(str(e)) from None
-    if "checkpoint" not in summary:  # a torchrun rank other than 0
-        return
-    err_console.print(f"wrote {summary['checkpoint']} and {summary['onnx']} ({summary['train_seconds']} s)")
-    if "sound_vra" in summary:
-        err_console.print(f"sound VRA at eps={cfg.eps:.4g}: [bold]{100 * summary['sound_vra']:.2f}%[/] "
-                          f"(clean {100 * summary['clean_accuracy']:.2f}%, L_body {summary['lipschitz_body']:.6g})")
-    print(json.dumps(summary))
-
-
-@app.command()
 def attack(
     model: ModelArg,
     eps: EpsOpt,
@@ -384,19 +237,9 @@ def audit(model: ModelArg, data: DataOpt = "digits", method: MethodOpt = "exact"
     rep.finish(err_console, json_out, plot)   # raises ProofCheckError (exit 4) when refuted
 
 
-@app.command()
-def export(
-    checkpoint: Path = typer.Argument(..., help="certlib safetensors checkpoint."),
-    out: Path = typer.Option(..., help="Output .onnx path."),
-    opset: int = typer.Option(18, help="ONNX opset (>= 13)."),
-) -> None:
-    """Export a LiResNet checkpoint to ONNX (plain ops, fused kernels, dynamic batch)."""
-    from certlib.onnx.export import export_onnx
-    from certlib.train.checkpoint import load_model
-
-    model, _ = load_model(checkpoint)
-    export_onnx(model, out, opset=opset)
-    err_console.print(f"wrote {out}")
+# registers ``train`` and ``export`` after the certification commands (their
+# order in --help)
+from certlib import cli_train  # noqa: E402,F401
 
 
 def main() -> None:

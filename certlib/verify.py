@@ -34,6 +34,8 @@ class VerifyReport:
     #: samples where onnxruntime's argmax differs from certlib's prediction
     #: (never certified: the IR would not describe the model that runs there)
     runtime_disagree: list = field(default_factory=list)
+    #: {"float32": bool, "recomputed_float64": int} when the fast path ran
+    fast: dict = field(default_factory=dict)
 
     @property
     def sound(self) -> bool:
@@ -55,6 +57,7 @@ class VerifyReport:
             "layers": [lb.as_dict() for lb in a.layers],
             "runtime_disagree": list(self.runtime_disagree),
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "fast_forward": self.fast or {"float32": False},
             "certlib_version": __version__,
             "claim": ("exact-arithmetic robustness of the ONNX model's function; logits computed in float64 "
                       "with a rigorous rounding slack") if a.sound else
@@ -84,9 +87,49 @@ def predict(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progres
     return np.concatenate(outs), np.concatenate(errs)
 
 
+def resolve_device(device: str | None) -> str:
+    """"auto" (or None): cuda when available, else cpu."""
+    import torch
+
+    d = (device or "auto").lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        from certlib.errors import UsageError
+        raise UsageError("--device cuda: no CUDA device is available")
+    if d != "cpu" and not d.startswith("cuda"):
+        from certlib.errors import UsageError
+        raise UsageError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return d
+
+
+def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progress=None,
+                 device: str = "cpu", dtype=None):
+    """Float32 (or ``dtype``) logits with a priori error bounds
+    (proofs/fast_forward.md), or None when the graph is outside the error model."""
+    import torch
+
+    from certlib.ir.fast import forward32, prepare
+
+    fg = prepare(g, device, dtype or torch.float32)
+    if fg is None:
+        return None
+    outs, errs = [], []
+    for i in range(0, len(x), batch_size):
+        o, e = forward32(fg, x[i:i + batch_size], node_bounds)
+        outs.append(o)
+        errs.append(e)
+        if progress is not None:
+            progress(min(i + batch_size, len(x)))
+    if not outs:
+        return np.zeros((0, g.num_classes)), np.zeros(0)
+    return np.concatenate(outs), np.concatenate(errs)
+
+
 def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
                  model_name: str = "", sha256: str = "", batch_size: int = 256,
-                 estimate_only: bool = False, progress=None, fold_inputs: bool = True) -> VerifyReport:
+                 estimate_only: bool = False, progress=None, fold_inputs: bool = True,
+                 device: str = "auto", fast: bool = True) -> VerifyReport:
     if tuple(data.x.shape[1:]) != tuple(g.input_shape):
         from certlib.errors import UsageError
         raise UsageError(f"data samples have shape {tuple(data.x.shape[1:])} but the model expects "
@@ -100,17 +143,48 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
                 progress=(lambda name: progress("bounds", name)) if progress else None, fold_inputs=fold_inputs)
     seconds["bounds"] = time.perf_counter() - t
     t = time.perf_counter()
-    logits, err = predict(g, data.x, a.node_bounds, batch_size,
-                          (lambda k: progress("forward", k)) if progress else None)
+    fwd_progress = (lambda k: progress("forward", k)) if progress else None
+    fast_out = None
+    if fast and not estimate_only:
+        fast_out = predict_fast(g, data.x, a.node_bounds, batch_size, fwd_progress, resolve_device(device))
+    if fast_out is None:
+        logits, err = predict(g, data.x, a.node_bounds, batch_size, fwd_progress)
     seconds["forward"] = time.perf_counter() - t
     t = time.perf_counter()
-    if estimate_only:
+    if fast_out is not None:
+        from certlib.fast_certify import certify_fast
+
+        import torch
+
+        counts = {}
+
+        def exact64(idx):
+            counts["float64_path"] = counts.get("float64_path", 0) + len(idx)
+            return predict(g, data.x[idx], a.node_bounds, batch_size)
+
+        def tier64(idx):
+            # float64 with the a priori bound: the float64 path's own bound is
+            # at most twice it (proofs/fast_forward.md)
+            sub = data.x[idx]
+            out = predict_fast(g, sub, a.node_bounds, batch_size, None, resolve_device(device), torch.float64)
+            if out is None:
+                return exact64(idx)
+            _, f, e, redo = certify_fast(*out, data.y[idx], a.K, a.body, eps,
+                                         lambda j: exact64(np.asarray(idx)[j]), other=2.0)
+            return f, e
+
+        res, logits, err, redo = certify_fast(*fast_out, data.y, a.K, a.body, eps, tier64)
+        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, res)
+        rep.fast = {"float32": True, "recomputed_float64": int(len(redo)),
+                    "float64_path": int(counts.get("float64_path", 0))}
+    elif estimate_only:
         vra = estimate_vra(logits, data.y, a.K, eps)
         clean = float((np.argmax(logits, axis=1) == data.y).mean()) if len(data) else 0.0
         rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, None, vra, clean)
     else:
         res = certify(logits, err, data.y, a.K, a.body, eps)
         rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, res)
+    if not estimate_only:
         rep.runtime_disagree = _runtime_veto(g, data.x, res)
     seconds["certify"] = time.perf_counter() - t
     rep.seconds = seconds
@@ -133,7 +207,7 @@ def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:
 
 def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exact", *,
                 input_shape=None, batch_size: int = 256, estimate_only: bool = False,
-                progress=None, fold_inputs: bool = True) -> VerifyReport:
+                progress=None, fold_inputs: bool = True, device: str = "auto", fast: bool = True) -> VerifyReport:
     """Import and certify an ONNX file.  ``fold_inputs=False`` bounds input
     normalisation on its own, as certificates (``--proof``) require."""
     from certlib.onnx.importer import load
@@ -143,7 +217,7 @@ def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exac
     t_import = time.perf_counter() - t
     rep = verify_graph(g, data, eps, method, model_name=str(path), sha256=file_sha256(path),
                        batch_size=batch_size, estimate_only=estimate_only, progress=progress,
-                       fold_inputs=fold_inputs)
+                       fold_inputs=fold_inputs, device=device, fast=fast)
     rep.seconds = {"import": t_import, **rep.seconds}
     return rep
 

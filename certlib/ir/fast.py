@@ -1,0 +1,360 @@
+"""Fast sound logits: the IR evaluated in float32 (torch, CPU or CUDA) with an
+a priori bound on its rounding error (proofs/fast_forward.md).
+
+For every node the float32 evaluation's own rounding error is bounded from
+the l2 norm of the node's computed input and constants precomputed once per
+model (a proven bound A >= || |W| ||_2 for a linear node, the norm of its
+broadcast bias), valid for any summation order, with or without FMA.  The
+per-sample bound is propagated through the following nodes' proven Lipschitz
+bounds (``Analysis.node_bounds``) exactly as the float64 path does it
+(proofs/margin_slack.md), and bounds the distance between the float32 logits
+and the exact-arithmetic logits of the IR.
+
+Only node types and fields listed here are evaluated in float32; any other
+(a field added to a node later, tanh/sigmoid, whose float32 libm error is not
+proven) makes :func:`prepare` return None and the caller uses the float64 path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from certlib.bounds import up
+from certlib.ir.evaluate import ACTIVATIONS
+from certlib.ir.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelNode,
+                              ReshapeNode, gamma)
+from certlib.verifiers.operators import Dense
+
+U32 = 2.0 ** -24        # unit roundoff of IEEE binary32, round to nearest
+#: absolute error of one float32 operation in the subnormal range, also with
+#: flush-to-zero / denormals-are-zero (a result below 2^-126 replaced by 0)
+TINY32 = 2.0 ** -125
+
+#: activations exact in float32 as in float64 (they return, move, compare or
+#: negate their inputs); "clip" also needs its bounds representable in float32
+EXACT_ACTIVATIONS = {"relu", "minmax", "minmax_rev", "minmax_pairs", "minmax_pairs_rev", "abs", "clip",
+                     "maxpool", "groupsort"}
+#: alpha*x rounds once (<= u32); alpha itself must be a float32
+SCALED_ACTIVATIONS = {"leaky_relu", "prelu"}
+
+#: the fields of each node type whose meaning this module knows; a node with
+#: any other field (e.g. a rounding term added to the float64 path later) is
+#: not evaluated here
+KNOWN_FIELDS = {
+    LinearNode: {"name", "onnx_op", "in_shape", "out_shape", "op", "bias", "transposed", "output_padding",
+                 "weight_rel_err", "bias_abs_err"},
+    AffineNode: {"name", "onnx_op", "in_shape", "out_shape", "scale", "shift", "const_err", "shift_abs_err"},
+    ReshapeNode: {"name", "onnx_op", "in_shape", "out_shape"},
+    IndexNode: {"name", "onnx_op", "in_shape", "out_shape", "fn", "params", "lipschitz"},
+    ActivationNode: {"name", "onnx_op", "in_shape", "out_shape", "activation", "lipschitz", "params"},
+    ParallelNode: {"name", "onnx_op", "in_shape", "out_shape", "branches", "merge", "signs", "axis"},
+}
+
+
+def gamma32(n: int, u: float = U32) -> float:
+    """gamma_n = n u / (1 - n u) for unit roundoff u (default float32's),
+    rounded up generously."""
+    nu = n * u
+    if nu >= 0.25:
+        raise ValueError("dot product too long for the float32 error model")
+    return up((nu / (1.0 - nu)) * (1.0 + 8 * U64))
+
+
+def abs_norm_bound(w: np.ndarray, conv: bool, groups: int = 1) -> float:
+    """A proven upper bound on || |W| ||_2 for the operator with entries |W|:
+    min(sqrt(max row sum * max column sum), sqrt(taps) ||W||_F)  (Schur's test;
+    proofs/fast_forward.md).  For a conv kernel (c_out, c_in/g, kh, kw) a row
+    (one output entry) holds at most the taps of one output channel, and a
+    column (one input entry) meets each output channel of its group through
+    each tap at most once, whatever the padding, stride or dilation; the
+    adjoint (ConvTranspose) swaps rows and columns, which the product ignores."""
+    a = np.abs(np.asarray(w, dtype=np.float64))
+    if conv:
+        c_out, cg = a.shape[:2]
+        rows = a.reshape(c_out, -1).sum(axis=1).max()
+        per_oc = a.sum(axis=(2, 3)).reshape(groups, c_out // groups, cg)
+        cols = per_oc.sum(axis=1).max()
+        taps = a.shape[2] * a.shape[3]
+    else:
+        rows, cols, taps = a.sum(axis=1).max(), a.sum(axis=0).max(), 1
+    fac = 1.0 + gamma(a.size + 4)
+    schur = up(math.sqrt(up(float(rows) * fac * float(cols) * fac)) * (1 + 4 * U64))
+    fro = up(float(np.linalg.norm(a.ravel())) * fac * math.sqrt(taps) * (1 + 4 * U64))
+    return min(schur, fro)
+
+
+@dataclasses.dataclass
+class _Lin:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    A: float          # >= || |W| ||_2
+    B: float          # >= || broadcast |b| ||_2 over the output
+    coef: float       # per-entry relative error of the output against W x + b
+    out_entries: int
+    terms: int
+    #: stored constants against the exact ones: weight_rel_err * A (per unit
+    #: of input norm) and the norm of the broadcast bias error
+    const_rel: float = 0.0
+    const_abs: float = 0.0
+
+
+def _broadcast_norm(err, entries: int) -> float:
+    """Upper bound on the l2 norm of an elementwise error bound broadcast over
+    ``entries`` output entries (channel-wise or scalar): ||e|| sqrt(entries / size)."""
+    e = np.abs(np.asarray(err, dtype=np.float64))
+    if not np.any(e):
+        return 0.0
+    per = entries / e.size
+    return up(float(np.linalg.norm(e.ravel())) * (1 + gamma(e.size + 2)) * math.sqrt(per) * (1 + 4 * U64))
+
+
+def _check_fields(node) -> bool:
+    known = KNOWN_FIELDS.get(type(node))
+    return known is not None and {f.name for f in dataclasses.fields(node)} == known
+
+
+def _f32_exact(v) -> bool:
+    a = np.asarray(v, dtype=np.float64)
+    return bool(np.all(a.astype(np.float32).astype(np.float64) == a) | np.isinf(a))
+
+
+def _prep_node(node, device, dtype=torch.float32):
+    u = U32 if dtype == torch.float32 else U64
+    npdt = np.float32 if dtype == torch.float32 else np.float64
+    if not _check_fields(node):
+        return None
+    if isinstance(node, LinearNode):
+        op = node.op
+        w = op.weight if isinstance(op, Dense) else op.kernel
+        n = node.terms()
+        out_entries = int(np.prod(node.out_shape))
+        if node.bias is None:
+            B = 0.0
+            b = None
+        else:
+            per = out_entries // max(1, np.size(node.bias))
+            B = up(float(np.linalg.norm(np.abs(node.bias))) * (1 + gamma(np.size(node.bias) + 2))
+                   * math.sqrt(per) * (1 + 4 * U64))
+            b = torch.as_tensor(np.asarray(node.bias, dtype=npdt), device=device)
+        g = gamma32(n, u)
+        # |fl32(W32 x + b32) - (W x + b)| <= (gamma_n (1 + u) + u)(|W||x| + |b|) + n TINY32
+        coef = up((g * (1 + u) + u) * (1 + 8 * U64))
+        A = abs_norm_bound(w, not isinstance(op, Dense), getattr(op, 'groups', 1))
+        # the stored weight/bias against the model's exact ones (a weight
+        # computed inside the graph): |dW||x| + |db|, as the float64 path charges it
+        rel = float(node.weight_rel_err)
+        const_rel = up(A * rel * (1 + 4 * U64)) if rel else 0.0
+        const_abs = _broadcast_norm(node.bias_abs_err, out_entries)
+        return _Lin(torch.as_tensor(np.asarray(w, dtype=npdt), device=device), b, A, B, coef, out_entries, n,
+                    const_rel, const_abs)
+    if isinstance(node, AffineNode):
+        scale = np.asarray(node.scale, dtype=np.float64)
+        shift = np.asarray(node.shift, dtype=np.float64)
+        entries = int(np.prod(node.in_shape))
+        t_norm = float(np.linalg.norm(np.broadcast_to(np.abs(shift), node.in_shape).ravel())) \
+            if np.size(shift) else 0.0
+        c = float(node.const_err)
+        # s32 = s(1+c)(1+d1), fl(s32 x) one more d, t32 = t(1+c)(1+d), + one add:
+        # relative <= (1+c)(1+u)^3 - 1 <= (c + 3u)(1 + c + 3u) for small c
+        k = up((c + 3 * u) * (1 + c + 3 * u) * (1 + 8 * U64))
+        return ("affine", torch.as_tensor(scale.astype(npdt), device=device),
+                torch.as_tensor(shift.astype(npdt), device=device),
+                up(float(np.max(np.abs(scale))) * (1 + c) * (1 + 4 * U64)) if scale.size else 1.0,
+                up(t_norm * (1 + gamma(entries + 2))), k, entries,
+                # the stored shift against the exact one (BN's beta - mean s under cancellation)
+                _broadcast_norm(node.shift_abs_err, entries))
+    if isinstance(node, ActivationNode):
+        if node.activation in EXACT_ACTIVATIONS:
+            p = node.params
+            if node.activation == "clip" and not all(_f32_exact(p[k]) for k in ("min", "max") if p.get(k) is not None):
+                return None
+            return ("exact",)
+        if node.activation in SCALED_ACTIVATIONS:
+            key = "alpha" if node.activation == "leaky_relu" else "slope"
+            if not _f32_exact(node.params[key]):
+                return None
+            params = dict(node.params)
+            if key == "slope":
+                params[key] = torch.as_tensor(np.asarray(params[key], dtype=npdt), device=device)
+            return ("scaled", params, u)
+        return None
+    if isinstance(node, (ReshapeNode, IndexNode)):
+        return ("exact",)
+    if isinstance(node, ParallelNode):
+        if node.merge not in ("add", "concat", "max", "min") or any(abs(s) != 1 for s in node.signs):
+            return None
+        inner = []
+        for br in node.branches:
+            p = [_prep_node(m, device, dtype) for m in br]
+            if any(x is None for x in p):
+                return None
+            inner.append(p)
+        return ("parallel", inner, u)
+    return None
+
+
+@dataclasses.dataclass
+class FastGraph:
+    graph: Graph
+    prepared: list
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+
+
+GRAPH_FIELDS = {"input_name", "input_shape", "output_name", "nodes", "num_classes", "dropped_output", "batch",
+                "runtime_model"}  # the ONNX bytes for the onnxruntime veto; not read by the forward
+
+
+def prepare(g: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FastGraph | None:
+    """Float32 constants and error constants per node, or None when some node
+    (or the graph) is outside the error model (then use the float64 path)."""
+    device = torch.device(device)
+    if not (type(g) is Graph and {f.name for f in dataclasses.fields(g)} == GRAPH_FIELDS):
+        return None
+    prepared = []
+    for node in g.nodes:
+        p = _prep_node(node, device, dtype)
+        if p is None:
+            return None
+        prepared.append(p)
+    return FastGraph(g, prepared, device, dtype)
+
+
+@contextlib.contextmanager
+def ieee_float32():
+    """The conditions the error model needs (proofs/fast_forward.md): no TF32
+    or bf16 reduced-precision GEMM/conv, no NNPACK (Winograd / FFT
+    convolution on CPU), cuDNN off (its algorithm choice includes Winograd and
+    FFT), so every output entry is an ordinary dot product: oneDNN's direct
+    convolution, im2col + GEMM, or a BLAS GEMM."""
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.nnpack.flags(enabled=False), \
+                torch.backends.cudnn.flags(enabled=False, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev[0], prev[1]
+        torch.set_float32_matmul_precision(prev[2])
+
+
+def _norm_up(h: torch.Tensor) -> torch.Tensor:
+    """Per-sample upper bound (float64, on CPU) on the l2 norm of a float32
+    batch: converted exactly to float64, squared, summed, sqrt (gamma_{n+2})."""
+    flat = h.reshape(h.shape[0], -1)
+    n = flat.shape[1]
+    if len(flat) == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    s = torch.cat([c.double().square().sum(dim=1) for c in flat.split(16)])
+    # + an allowance for squares below the normal range (float64 inputs)
+    return (s.sqrt() * (1 + 2 * gamma(n + 2)) + math.sqrt(n * (n + 2)) * 2.0 ** -537).cpu()
+
+
+def _linear32(node: LinearNode, p: _Lin, h: torch.Tensor) -> torch.Tensor:
+    op = node.op
+    if isinstance(op, Dense):
+        y = h @ p.weight.T
+        return y if p.bias is None else y + p.bias
+    pt, pl, pb, pr = op.padding
+    if node.transposed:
+        y = F.conv_transpose2d(h, p.weight, None, stride=op.stride, dilation=op.dilation, groups=op.groups)
+        _, OH, OW = op.input_shape
+        y = F.pad(y, (0, max(0, pl + OW - y.shape[3]), 0, max(0, pt + OH - y.shape[2])))
+        y = y[:, :, pt:pt + OH, pl:pl + OW]
+        return y if p.bias is None else y + p.bias.reshape(1, -1, 1, 1)
+    if any(op.padding):
+        h = F.pad(h, (pl, pr, pt, pb))
+    return F.conv2d(h, p.weight, p.bias, stride=op.stride, dilation=op.dilation, groups=op.groups)
+
+
+def _apply(node, p, h: torch.Tensor, bound, hn: torch.Tensor):
+    """(float32 output, per-sample bound on this node's own rounding error);
+    ``hn`` bounds the per-sample norm of the computed input h."""
+    if isinstance(node, LinearNode):
+        y = _linear32(node, p, h)
+        tiny = math.sqrt(p.out_entries) * p.terms * TINY32
+        rnd = (hn * p.A + p.B) * p.coef + tiny
+        if p.const_rel or p.const_abs:
+            rnd = (rnd + hn * p.const_rel + p.const_abs) * (1 + 4 * U64)
+        return y, rnd
+    if isinstance(node, AffineNode):
+        _, s, t, smax, tn, k, entries, shift_err = p
+        y = h * s + t
+        rnd = (hn * smax + tn) * k + math.sqrt(entries) * 2 * TINY32
+        return y, (rnd + shift_err) * (1 + 4 * U64) if shift_err else rnd
+    if isinstance(node, (ReshapeNode, IndexNode)):
+        return node.apply(h, False)[0], torch.zeros_like(hn)
+    if isinstance(node, ActivationNode):
+        if p[0] == "exact":
+            return ACTIVATIONS[node.activation][0](h, node.params), torch.zeros_like(hn)
+        prm = p[1]
+        if node.activation == "prelu":
+            y = torch.where(h >= 0, h, h * prm["slope"])
+        else:
+            y = torch.where(h >= 0, h, h * float(prm["alpha"]))
+        # alpha*x rounds once: |err| <= u|exact| <= u/(1-u)|computed| (+ underflow)
+        entries = int(np.prod(node.out_shape))
+        return y, _norm_up(y) * (p[2] * (1 + 2 * p[2])) + math.sqrt(entries) * TINY32
+    return _parallel(node, p[1], h, bound, hn, p[2])
+
+
+def _parallel(node: ParallelNode, inner_p, h, bound, hn, u):
+    outs, errs = [], []
+    inner = bound.branches
+    for k, br in enumerate(node.branches):
+        y, yn = h, hn
+        e = torch.zeros_like(hn)
+        for j, m in enumerate(br):
+            y, r = _apply(m, inner_p[k][j], y, inner[k][j], yn)
+            yn = _norm_up(y)
+            L = float(inner[k][j]) if j > 0 else 1.0
+            e = (e * L + r) * (1 + 4 * U64) if j > 0 else r
+        outs.append(y)
+        errs.append(e)
+    if node.merge == "add":
+        out = outs[0] if node.signs[0] == 1 else -outs[0]
+        for s, y in zip(node.signs[1:], outs[1:]):
+            out = out + y if s == 1 else out - y
+        mags = sum(_norm_up(y) for y in outs)
+        entries = int(np.prod(node.out_shape))
+        rnd = sum(errs) + mags * gamma32(max(1, len(outs) - 1), u) + math.sqrt(entries) * len(outs) * TINY32
+        return out, rnd * (1 + 4 * U64)
+    if node.merge == "concat":
+        out = torch.cat(outs, dim=node.axis + 1)
+    elif node.merge == "max":
+        out = torch.stack(outs).amax(0)
+    else:
+        out = torch.stack(outs).amin(0)
+    return out, sum(errs) * (1 + 4 * U64)
+
+
+def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
+    """Logits in ``fg.dtype`` (float32, or float64 for the a priori float64
+    tier; returned as float64 numpy, exactly) and a per-sample bound on their
+    l2 distance to the exact-arithmetic logits of the IR."""
+    with torch.no_grad(), ieee_float32():
+        h = torch.as_tensor(np.asarray(x), device=fg.device).to(fg.dtype)
+        # the input itself: float64 data rounded to float32 (relative u each), measured
+        x64 = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        err = _norm_up(h.cpu().double() - x64) * (1 + 2 * U64)  # + the subtraction's rounding
+        hn = _norm_up(h)
+        for node, p, nb in zip(fg.graph.nodes, fg.prepared, node_bounds):
+            h, rnd = _apply(node, p, h, nb, hn)
+            hn = _norm_up(h)
+            err = (err * float(nb) + rnd) * (1 + 4 * U64)
+        out = h.double().cpu().numpy()
+    err = err.numpy()
+    err = np.where(np.isfinite(err) & np.all(np.isfinite(out), axis=1), err, np.inf)
+    return out, err
+
+
+__all__ = ["FastGraph", "prepare", "forward32", "ieee_float32", "abs_norm_bound", "gamma32", "U32"]

@@ -1,0 +1,198 @@
+"""The float32 fast path (proofs/fast_forward.md): its a priori error bound
+covers the float32 logits' distance to the exact ones, and verify's decisions
+(predictions, certified set) equal the float64 path's, radii within the slack."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from certlib.data import Dataset, load as load_data
+from certlib.fast_certify import settled
+from certlib.ir import fast
+from certlib.ir.compose import analyze, split_head
+from certlib.ir.graph import ActivationNode
+from certlib.models.liresnet import build
+from certlib.onnx.export import build_onnx
+from certlib.onnx.importer import import_model
+from certlib.verifiers.operators import Conv2d, Dense
+from certlib.verify import predict, predict_fast, verify_graph
+
+
+def _graph(preset, seed, bias_scale=0.0, **kw):
+    torch.manual_seed(seed)
+    m = build(preset, **kw)
+    m.eval()
+    g = import_model(build_onnx(m))
+    if bias_scale:  # large logit gaps from the head bias: decisions far from the band
+        head = g.nodes[split_head(g)]
+        rng = np.random.default_rng(seed)
+        head.bias = rng.normal(0, bias_scale, g.num_classes)
+    return g
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", "test")
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_abs_norm_bound_covers_explicit_matrix(case):
+    rng = np.random.default_rng(case)
+    if case == 0:
+        op = Dense(rng.normal(size=(7, 5)))
+    else:
+        groups = 2 if case % 2 else 1
+        k = rng.normal(size=(4, 4 // groups, 3, 2 + case % 2))
+        op = Conv2d(k, (4, 6, 5), stride=(1 + case % 3 // 2, 1 + case // 4), padding=(case % 2, 1, 0, case % 3),
+                    dilation=(1, 1 + case // 5), groups=groups)
+    M = np.abs(op.to_dense())
+    truth = np.linalg.norm(M, 2)
+    w = op.weight if isinstance(op, Dense) else op.kernel
+    b = fast.abs_norm_bound(w, isinstance(op, Conv2d), getattr(op, "groups", 1))
+    assert truth <= b
+    assert b <= truth * 4
+
+
+def test_float32_logits_within_bound(digits):
+    g = _graph("digits", 0, width=16, depth=2)
+    a = analyze(g, "exact")
+    f64, e64 = predict(g, digits.x, a.node_bounds)
+    f32, e32 = predict_fast(g, digits.x, a.node_bounds)
+    d = np.linalg.norm(f32 - f64, axis=1)
+    assert np.all(d <= e32 + e64)
+    # the float64 path's reported error is far below the float32 one (the
+    # band in fast_certify assumes e64 <= e32)
+    assert np.all(e64 <= e32 * 2.0 ** -20)
+    # the float64 tier with the a priori bound: covers the truth, and the
+    # float64 path's own bound is below it (its band assumes e64 <= 2 e_t2)
+    f_t2, e_t2 = predict_fast(g, digits.x, a.node_bounds, dtype=torch.float64)
+    assert np.all(np.linalg.norm(f_t2 - f64, axis=1) <= e_t2 + e64)
+    assert np.all(e64 <= e_t2)
+
+
+def _same(g, ds, eps):
+    fast_rep = verify_graph(g, ds, eps, device="cpu")
+    slow_rep = verify_graph(g, ds, eps, fast=False)
+    r, s = fast_rep.result, slow_rep.result
+    assert fast_rep.fast["float32"]
+    assert np.array_equal(r.pred, s.pred)
+    assert np.array_equal(r.certified, s.certified)
+    assert np.all(r.radius <= s.radius + 1e-300) or np.all(r.radius[r.certified] > 0)
+    return fast_rep, slow_rep
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.01])
+def test_digits_fast_equals_float64(digits, eps):
+    g = _graph("digits", 1, bias_scale=3.0, width=16, depth=2)
+    f, s = _same(g, digits, eps)
+    assert f.fast["recomputed_float64"] < len(digits)  # the float32 path decided some samples
+    a = f.analysis
+    _, e32 = predict_fast(g, digits.x, a.node_bounds)
+    kmin = a.K[a.K > 0].min()
+    gap = s.result.radius - f.result.radius
+    cert = s.result.certified
+    # sound side: never above the float64 radius except where recomputed identically
+    assert np.all(gap[cert] >= -1e-12 * np.maximum(1, s.result.radius[cert]))
+    assert np.all(gap[cert] <= 4 * 1.5 * e32[cert] / kmin + 1e-12)
+
+
+def test_cifar_sized_fast_equals_float64():
+    g = _graph("cifar10", 2, bias_scale=20.0, width=16, depth=2, dense_dim=32)
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 24)
+    ds = Dataset(x, y, "random", 10)
+    for eps in (0.0, 0.1):
+        f, _ = _same(g, ds, eps)
+    assert f.fast["recomputed_float64"] < len(ds)
+
+
+def test_tiny_margin_falls_back_to_float64(digits):
+    # random weights, no bias: logit gaps are below the float32 band
+    g = _graph("digits", 3, width=16, depth=2)
+    a = analyze(g, "exact")
+    f64, e64 = predict(g, digits.x, a.node_bounds)
+    from certlib.certify import certify
+    eps = float(np.median(certify(f64, e64, digits.y, a.K, a.body, 0.0).radius))
+    f, s = _same(g, digits, eps)
+    assert f.fast["recomputed_float64"] > 0
+    assert f.fast["float64_path"] < f.fast["recomputed_float64"]  # the a priori float64 tier decided most
+
+
+def test_settled_band():
+    K = np.array([[0.0, 1.0], [1.0, 0.0]])
+    f = np.array([[1.0, 1.0 - 1e-6], [5.0, 0.0], [5.0, 0.0], [np.nan, 0.0]])
+    e = np.array([1e-6, 1e-3, 1e-3, 1e-6])
+    ok, yes = settled(f, e, K, 1.0)
+    assert list(ok) == [False, True, True, False]
+    ok, yes = settled(f[1:3], e[1:3], K, 4.999)   # certification threshold inside the band
+    assert not ok.any()
+
+
+def test_outside_model_uses_float64():
+    g = _graph("digits", 0, width=8, depth=1, dense_dim=16)
+    act = next(n for n in g.nodes if isinstance(n, ActivationNode))
+    act.activation = "tanh"
+    assert fast.prepare(g) is None
+
+    @dataclasses.dataclass
+    class Extra(type(act)):
+        extra_err: float = 0.0
+    g2 = _graph("digits", 0, width=8, depth=1, dense_dim=16)
+    i = next(i for i, n in enumerate(g2.nodes) if isinstance(n, ActivationNode))
+    g2.nodes[i] = Extra(**{f.name: getattr(g2.nodes[i], f.name) for f in dataclasses.fields(g2.nodes[i])})
+    assert fast.prepare(g2) is None
+
+
+@pytest.mark.parametrize("where", ["weight", "bias", "shift"])
+def test_stored_constant_errors_are_charged(digits, where):
+    """A node whose stored constants are only within a bound of the exact ones
+    (weights computed inside the graph, BN shift under cancellation): the fast
+    path still runs, and its bound covers the logits of a model whose constants
+    sit anywhere in that interval; the same bound without the term does not."""
+    import copy
+
+    from certlib.ir.graph import AffineNode, LinearNode
+
+    g = _graph("digits", 3, width=16, depth=2)
+    x = digits.x[:64]
+    i = next(k for k, n in enumerate(g.nodes) if isinstance(n, LinearNode))
+    rng = np.random.default_rng(0)
+    exact = copy.deepcopy(g)
+    rho = 5e-5 if where == "weight" else 0.05  # folds accept relative errors below 1e-4
+    if where == "weight":
+        g.nodes[i].weight_rel_err = rho
+        k = g.nodes[i].op.kernel
+        exact.nodes[i].op = dataclasses.replace(k_op := g.nodes[i].op, kernel=k * (1 + rho * rng.choice([-1.0, 1.0], k.shape)))
+    elif where == "bias":
+        c = g.nodes[i].op.kernel.shape[0]
+        g.nodes[i].bias = np.zeros(c) if g.nodes[i].bias is None else g.nodes[i].bias
+        g.nodes[i].bias_abs_err = np.full(c, rho)
+        exact.nodes[i].bias = g.nodes[i].bias + rho * rng.choice([-1.0, 1.0], c)
+    else:
+        shape = g.nodes[i].out_shape
+        aff = AffineNode("a", "Add", shape, shape, scale=np.ones(1), shift=np.zeros((shape[0], 1, 1)),
+                         shift_abs_err=np.full((shape[0], 1, 1), rho))
+        g.nodes.insert(i + 1, aff)
+        exact.nodes.insert(i + 1, dataclasses.replace(aff, shift=rho * rng.choice([-1.0, 1.0], (shape[0], 1, 1)),
+                                                       shift_abs_err=0.0))
+    a = analyze(g, "exact")
+    assert fast.prepare(g) is not None
+    f32, e32 = predict_fast(g, x, a.node_bounds)
+    f_ex, e_ex = predict(exact, x, analyze(exact, "exact").node_bounds)
+    d = np.linalg.norm(f32 - f_ex, axis=1)
+    assert np.all(d <= e32 + e_ex)
+    # the term is charged, and without it the bound misses the exact model
+    plain = copy.deepcopy(exact if where != "shift" else g)
+    if where == "weight":
+        plain.nodes[i].op = k_op
+    elif where == "bias":
+        plain.nodes[i].bias = g.nodes[i].bias
+    else:
+        plain.nodes[i + 1].shift_abs_err = 0.0
+    _, e_plain = predict_fast(plain, x, a.node_bounds)
+    assert np.all(e32 > e_plain)
+    if where != "weight":  # (a weight error this small hides under the float32 bound)
+        assert np.any(d > e_plain + e_ex)
