@@ -147,15 +147,23 @@ def _entry(k, ir_nodes, op, bound, method, label, onnx_nodes, inits) -> dict:
             "recipe": recipe, "bound": float(bound), "method": method}
 
 
-#: what the independent checker (proofs/checker.py) re-proves
+#: the IR activations whose ONNX forms (Relu; Split + Max + Min + Concat) the checker reads
 CHECKED_ACTIVATIONS = ("relu", "minmax", "minmax_rev")
 
 
-def _require_certifiable(g) -> None:
+def _require_certifiable(g, model=None) -> None:
     """Refuse --proof for structures the independent checker does not cover
-    (the model can still be verified without --proof)."""
+    (the model can still be verified without --proof): ONNX operators outside
+    the checker's own list (``proofs.checker.SUPPORTED_OPS``), then IR nodes
+    it has no rule for."""
     from certlib.ir.graph import ActivationNode, IndexNode, LinearNode, ParallelNode
+    from certlib.proofs.checker import SUPPORTED_OPS
 
+    ops = sorted({n.op_type for n in model.graph.node if n.op_type not in SUPPORTED_OPS}) if model else []
+    if ops:
+        raise UsageError("--proof: the independent checker does not read these ONNX operators: " + ", ".join(ops)
+                         + f" (it reads {', '.join(SUPPORTED_OPS)}). Run `certlib verify` without --proof "
+                         "(the certification itself is sound).")
     bad = []
     for n in g.nodes:
         if isinstance(n, ParallelNode):
@@ -178,9 +186,12 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
 
     if not rep.sound or rep.result is None:
         raise UsageError("--proof needs sound certification (not --estimate-only)")
+    if rep.fast.get("float32"):
+        raise UsageError("--proof needs the float64 logits (verify with fast=False): the stated margins give "
+                         "away a cushion of the logits' error bound, and the float32 bound is far larger")
     model = onnx.load(str(model_path))
     _, g = load(model_path, input_shape)
-    _require_certifiable(g)
+    _require_certifiable(g, model)
     a = rep.analysis
     names = [n.name for n in model.graph.node]
     onnx_nodes = {n.name: n for n in model.graph.node if n.name and names.count(n.name) == 1}

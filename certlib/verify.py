@@ -129,7 +129,14 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
 def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
                  model_name: str = "", sha256: str = "", batch_size: int = 256,
                  estimate_only: bool = False, progress=None, fold_inputs: bool = True,
-                 device: str = "auto", fast: bool = True) -> VerifyReport:
+                 device: str = "auto", fast: bool | None = None) -> VerifyReport:
+    """Certify ``data`` at radius ``eps``.  ``fast`` (default: unless
+    ``fold_inputs`` is off, i.e. when no certificate is written) computes the
+    logits in float32 with an a priori bound and the float64 path only where the
+    decision needs it (proofs/fast_forward.md); a certificate states float64
+    margins, the independent checker's arithmetic."""
+    if fast is None:
+        fast = fold_inputs
     if tuple(data.x.shape[1:]) != tuple(g.input_shape):
         from certlib.errors import UsageError
         raise UsageError(f"data samples have shape {tuple(data.x.shape[1:])} but the model expects "
@@ -207,7 +214,7 @@ def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:
 
 def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exact", *,
                 input_shape=None, batch_size: int = 256, estimate_only: bool = False,
-                progress=None, fold_inputs: bool = True, device: str = "auto", fast: bool = True) -> VerifyReport:
+                progress=None, fold_inputs: bool = True, device: str = "auto", fast: bool | None = None) -> VerifyReport:
     """Import and certify an ONNX file.  ``fold_inputs=False`` bounds input
     normalisation on its own, as certificates (``--proof``) require."""
     from certlib.onnx.importer import load

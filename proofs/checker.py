@@ -38,8 +38,14 @@ except ImportError:                                               # standalone: 
                                prove, up, down, vup)
 
 __all__ = ["CheckFailed", "check", "walk", "build", "forward", "gram_ok", "norm_up", "up", "down", "vup", "U",
-           "ETA", "FORMAT", "TEXTS"]
+           "ETA", "FORMAT", "TEXTS", "SUPPORTED_OPS"]
 FORMAT = "certlib-certificate/1"
+#: THE list of ONNX operators the walk reads (each under the conditions of proofs/certificate.md,
+#: "Model"; Max, Min and Concat only inside the MinMax pattern).  certlib's certificate writer
+#: refuses --proof for any other operator from this same tuple, and tests/test_checker_claims.py
+#: compares it with the list in proofs/certificate.md.
+SUPPORTED_OPS = ("Sub", "Add", "Mul", "Div", "Conv", "Gemm", "MatMul", "Flatten", "Reshape", "Relu",
+                 "Split", "Max", "Min", "Concat", "Constant")
 #: the texts that say what is claimed: a certificate must carry exactly these (proofs/certificate.md)
 TEXTS = {
     ("claim",): "For every sample with certified=true and every input x' with ||x' - x||_2 <= eps, and for every "
@@ -79,6 +85,8 @@ def walk(model, shape):
         a, op, item = attrs(n), n.op_type, f"node {n.name!r} ({n.op_type})"
         if n.domain not in ("", "ai.onnx"):
             fail(item, "custom domain")
+        if op not in SUPPORTED_OPS:
+            fail(item, "operator not in the checker's supported subset")
         if op == "Constant":
             consts[n.output[0]] = numpy_helper.to_array(a["value"]) if "value" in a else fail(item, "no tensor")
             continue

@@ -323,3 +323,34 @@ def test_head_of_width_one_is_accepted(tmp_path):
     cert = build_certificate(path, rep, ds, "x")
     assert np.array(cert["head"]["K"]).shape == (3, 3) and cert["head"]["geometry"]["weight_shape"] == [3, 1]
     assert check(path.read_bytes(), cert, ds.x, ds.y)["certified"] > 0
+
+
+def test_supported_ops_are_one_list_shared_with_the_docs():
+    """The checker's operator list is the one the writer refuses by and the one
+    proofs/certificate.md states (step 1, "Model")."""
+    import re
+
+    text = (ROOT / "proofs" / "certificate.md").read_text()
+    step = text[text.index("1. **Model.**"):text.index("2. **Operators.**")]
+    documented = set(re.findall(r"`([A-Z][A-Za-z]+)`", step)) | set(re.findall(r"`(\w+)/(\w+)/(\w+)/(\w+)`", step)[0])
+    assert documented == set(ck.SUPPORTED_OPS) - {"Constant"}
+
+
+@pytest.mark.parametrize("op", ["Identity", "Dropout"])
+def test_writer_refuses_an_operator_the_checker_does_not_read(tmp_path, op):
+    """Identity/Dropout vanish in certlib's import, but the checker's walk fails on
+    them: the writer refuses before writing a certificate nobody can check."""
+    from certlib.errors import UsageError
+
+    rng = np.random.default_rng(1)
+    mk = helper.make_node
+    nodes = [mk("Flatten", ["x"], ["f"], name="flatten"), mk(op, ["f"], ["g"], name="id"),
+             mk("Gemm", ["g", "W"], ["y"], name="head", transB=1)]
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(nodes, {"W": rng.normal(size=(3, 8))}, ["N", 2, 2, 2], 3), path)
+    ds = Dataset(rng.random((4, 2, 2, 2), dtype=np.float32), rng.integers(0, 3, 4), "syn", 3)
+    rep = verify_file(path, ds, 0.01, "exact", fold_inputs=False)
+    with pytest.raises(UsageError, match=op):
+        build_certificate(path, rep, ds, "x")
+    with pytest.raises(CheckFailed, match="supported subset"):
+        ck.walk(onnx.load(path), (2, 2, 2))

@@ -281,7 +281,7 @@ def test_oracle_catches_a_planted_unsound_bound(bases, tmp_path, monkeypatch):
     for k, (m, ds) in bases.items():
         path = tmp_path / f"{k}.onnx"
         path.write_bytes(m.SerializeToString())
-        rep = verify_file(path, ds, 1.0)
+        rep = verify_file(path, ds, 1.0, fast=False)  # the patched certify is the float64 path's
         assert rep.result.certified.any()
         try:
             _oracle(path, m.SerializeToString(), ds, rep, 1.0, Counter())

@@ -121,7 +121,7 @@ def _check_fields(node) -> bool:
 
 def _f32_exact(v) -> bool:
     a = np.asarray(v, dtype=np.float64)
-    return bool(np.all(a.astype(np.float32).astype(np.float64) == a) | np.isinf(a))
+    return bool(np.all((a.astype(np.float32).astype(np.float64) == a) | np.isinf(a)))
 
 
 def _prep_node(node, device, dtype=torch.float32):

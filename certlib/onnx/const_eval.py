@@ -23,7 +23,10 @@ from non-negative terms and multiplied by (1 + 4u) to cover its own rounding):
 * Pow with a constant exponent 2, -1, 1/2, 1: Mul, Reciprocal, Sqrt, Identity;
 * Sigmoid: ea / 4 + 2 LIBM_REL |v| + eta (libm's exp within LIBM_REL);
 * Exp: |v| (expm1(ea) + LIBM_REL)(1 + 2 LIBM_REL) + eta;
-* selections (Slice, Gather, Split, Tile, Pad, Where, ...): the same op on err;
+* selections (Slice, Gather, Split, Tile, Pad, Where, ...) and shape ops
+  whose output shape was not folded: the same op on err;
+* Clip, Max, Min, Relu (no rounding; 1-Lipschitz in every argument in the
+  max norm): max of the arguments' errors, broadcast;
 * comparisons: kept only where |a - b| > ea + eb (or a = b exactly), else refused;
 * Einsum (multilinear, m operands): E(|a| + e) - E(|a|) + 3 gamma_{n+m+2} (E(|a| + e) + E(|a|));
 * MatMul / Conv / ReduceSum / ReduceSumSquare / ReduceL2: propagated terms
@@ -143,6 +146,15 @@ class _Eval:
             vals = [np.asarray(v, dtype=np.float64) if e is not None else v for v, e in ins]
             errs = [np.asarray(e, dtype=np.float64) if e is not None else v for v, e in ins]
             return self._run(n, vals, name), self._run(n, errs, name)
+        if op in ("Clip", "Max", "Min", "Relu"):
+            # a selection of one argument (or of a bound): |g(a + d) - g(a)| <= max_k |d_k| elementwise
+            vals = [np.asarray(v, dtype=np.float64) if e is not None else v for v, e in ins]
+            v = self._run(n, vals, name)
+            err = np.zeros(np.shape(v))
+            for _, e in ins:
+                if e is not None:
+                    err = np.maximum(err, np.asarray(e, dtype=np.float64))
+            return v, err
         x = [(np.asarray(v, dtype=np.float64), np.asarray(e, dtype=np.float64)) for v, e in ins if v is not None]
         if op in ("Add", "Sub", "Mul", "Div") and len(x) == 2:
             (va, ea), (vb, eb) = x
@@ -290,7 +302,10 @@ class _Eval:
             return np.concatenate([t for t, _ in vs], ax), np.concatenate([u for _, u in vs], ax)
         if op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand"):
             if n.output[0] not in self.folded and op != "Flatten":
-                raise self._refuse(n, "a shape op without a folded result")
+                # the output shape from the op itself (integer inputs exact): the same map on err
+                vals = [np.asarray(t, dtype=np.float64) if u is not None else t for t, u in ins]
+                errs = [np.asarray(u, dtype=np.float64) if u is not None else t for t, u in ins]
+                return self._run(n, vals, n.output[0]), self._run(n, errs, n.output[0])
             if op == "Flatten":
                 ax = int(a.get("axis", 1)) % max(np.ndim(v), 1)
                 shape = (int(np.prod(np.shape(v)[:ax])), -1)
