@@ -186,7 +186,7 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
 
     if not rep.sound or rep.result is None:
         raise UsageError("--proof needs sound certification (not --estimate-only)")
-    if rep.fast.get("float32"):
+    if getattr(rep, "fast", {}).get("float32"):
         raise UsageError("--proof needs the float64 logits (verify with fast=False): the stated margins give "
                          "away a cushion of the logits' error bound, and the float32 bound is far larger")
     model = onnx.load(str(model_path))

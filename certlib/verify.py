@@ -75,15 +75,20 @@ def file_sha256(path: str | Path) -> str:
 
 def predict(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progress=None):
     """Float64 logits and rigorous per-sample error bounds, in batches."""
+    return _batched(lambda xb: g.forward(xb, node_bounds), x, batch_size, progress, g.num_classes)
+
+
+def _batched(forward, x: np.ndarray, batch_size: int, progress, num_classes: int):
+    """(logits, per-sample error bounds) of ``forward`` over ``x`` in batches."""
     outs, errs = [], []
     for i in range(0, len(x), batch_size):
-        o, e = g.forward(x[i:i + batch_size], node_bounds)
+        o, e = forward(x[i:i + batch_size])
         outs.append(o)
         errs.append(e)
         if progress is not None:
             progress(min(i + batch_size, len(x)))
     if not outs:
-        return np.zeros((0, g.num_classes)), np.zeros(0)
+        return np.zeros((0, num_classes)), np.zeros(0)
     return np.concatenate(outs), np.concatenate(errs)
 
 
@@ -114,16 +119,7 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
     fg = prepare(g, device, dtype or torch.float32)
     if fg is None:
         return None
-    outs, errs = [], []
-    for i in range(0, len(x), batch_size):
-        o, e = forward32(fg, x[i:i + batch_size], node_bounds)
-        outs.append(o)
-        errs.append(e)
-        if progress is not None:
-            progress(min(i + batch_size, len(x)))
-    if not outs:
-        return np.zeros((0, g.num_classes)), np.zeros(0)
-    return np.concatenate(outs), np.concatenate(errs)
+    return _batched(lambda xb: forward32(fg, xb, node_bounds), x, batch_size, progress, g.num_classes)
 
 
 def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,

@@ -183,13 +183,7 @@ class _Eval:
             v = 1.0 / vb
             return v, _round(v, np.abs(v) * (1 + 2 * U) * eb / ((np.abs(vb) - eb) * (1 - 2 * U)) * UP)
         if op == "Sqrt":
-            (va, ea), = x
-            if np.any(va < ea):
-                raise self._refuse(n, "a square root of a value within its error bound of 0")
-            v = np.sqrt(va)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                prop = np.where(va > 0, ea / (v * (1 - 2 * U)), np.sqrt(ea) * UP)
-            return v, _round(v, prop * UP)
+            return self._sqrt(n, *x[0], "a square root")
         if op == "Sigmoid":
             # 1/(1 + exp(-a)): Lipschitz 1/4 in a; exp off by LIBM_REL (the libm
             # model of proofs/activations.md), then an add and a divide: relative
@@ -271,14 +265,16 @@ class _Eval:
         v = terms.sum(axis=axes, keepdims=keep)
         e = ((prop.sum(axis=axes, keepdims=keep) + g * np.abs(terms).sum(axis=axes, keepdims=keep)) * (1 + g)
              + ETA * (cnt + 1)) * UP
-        if op == "ReduceL2":
-            if np.any(v < e):
-                raise self._refuse(n, "ReduceL2 of a value within its error bound of 0")
-            r = np.sqrt(v)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                prop2 = np.where(v > 0, e / (r * (1 - 2 * U)), np.sqrt(e) * UP)
-            return r, _round(r, prop2 * UP)
-        return v, e
+        return self._sqrt(n, v, e, "ReduceL2") if op == "ReduceL2" else (v, e)
+
+    def _sqrt(self, n, va, ea, what: str):
+        """sqrt(a) of a within ea: ea / sqrt(a) (sqrt(ea) at a = 0) + one rounding; refused if a < ea."""
+        if np.any(va < ea):
+            raise self._refuse(n, f"{what} of a value within its error bound of 0")
+        v = np.sqrt(va)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prop = np.where(va > 0, ea / (v * (1 - 2 * U)), np.sqrt(ea) * UP)
+        return v, _round(v, prop * UP)
 
     def _exact(self, n, op, a, ins):
         (v, e) = ins[0]
