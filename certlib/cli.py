@@ -59,9 +59,8 @@ def verify(
         rep = verify_file(model, ds, e, m, input_shape=_shape(input_shape), batch_size=batch_size,
                           estimate_only=estimate_only, progress=prog,
                           # certificates bound input normalisation on its own (as the checker does)
-                          fold_inputs=proof is None, device=device,
-                          # a certificate states float64 margins (the checker's arithmetic), not float32 ones
-                          fast=proof is None)
+                          # (and, by verify_graph's default, its float64 logits)
+                          fold_inputs=proof is None, device=device)
     print_report(rep, err_console)
     if json_out:
         write_json(rep, json_out)

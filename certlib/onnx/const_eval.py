@@ -143,9 +143,7 @@ class _Eval:
                 raise self._refuse(n, "a comparison of values within their error bounds of each other")
             return self._run(n, [va, vb], name), None
         if op in _SELECT:   # entries moved, copied or dropped: the same map on err
-            vals = [np.asarray(v, dtype=np.float64) if e is not None else v for v, e in ins]
-            errs = [np.asarray(e, dtype=np.float64) if e is not None else v for v, e in ins]
-            return self._run(n, vals, name), self._run(n, errs, name)
+            return self._same_map(n, ins, name)
         if op in ("Clip", "Max", "Min", "Relu"):
             # a selection of one argument (or of a bound): |g(a + d) - g(a)| <= max_k |d_k| elementwise
             vals = [np.asarray(v, dtype=np.float64) if e is not None else v for v, e in ins]
@@ -230,6 +228,13 @@ class _Eval:
             return v, ((prop + g * mag) * (1 + g) + ETA * terms) * UP
         raise self._refuse(n, f"no rounding-error rule for {op} in a constant subgraph")
 
+    def _same_map(self, n, ins, name):
+        """An op that moves, copies or drops entries: (op on the values, the same op on their errors);
+        integer inputs (shapes, indices) are passed to both as they are."""
+        vals = [np.asarray(v, dtype=np.float64) if e is not None else v for v, e in ins]
+        errs = [np.asarray(e, dtype=np.float64) if e is not None else v for v, e in ins]
+        return self._run(n, vals, name), self._run(n, errs, name)
+
     def _run(self, n, arrays, name):
         """Run node n alone (onnx's reference evaluator) on ``arrays``; the output ``name``."""
         from onnx.reference import ReferenceEvaluator
@@ -299,9 +304,7 @@ class _Eval:
         if op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand"):
             if n.output[0] not in self.folded and op != "Flatten":
                 # the output shape from the op itself (integer inputs exact): the same map on err
-                vals = [np.asarray(t, dtype=np.float64) if u is not None else t for t, u in ins]
-                errs = [np.asarray(u, dtype=np.float64) if u is not None else t for t, u in ins]
-                return self._run(n, vals, n.output[0]), self._run(n, errs, n.output[0])
+                return self._same_map(n, ins, n.output[0])
             if op == "Flatten":
                 ax = int(a.get("axis", 1)) % max(np.ndim(v), 1)
                 shape = (int(np.prod(np.shape(v)[:ax])), -1)
