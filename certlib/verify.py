@@ -109,16 +109,19 @@ def resolve_device(device: str | None) -> str:
 
 
 def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progress=None,
-                 device: str = "cpu", dtype=None):
+                 device: str = "cpu", dtype=None, info: dict | None = None):
     """Float32 (or ``dtype``) logits with a priori error bounds
-    (proofs/fast_forward.md), or None when the graph is outside the error model."""
+    (proofs/fast_forward.md), or None when the graph is outside the error model.
+    ``info`` (a dict) receives ``mixed``: whether some nodes ran in float64."""
     import torch
 
-    from certlib.ir.fast import forward32, prepare
+    from certlib.ir.fast import forward32, mixed, prepare
 
     fg = prepare(g, device, dtype or torch.float32)
     if fg is None:
         return None
+    if info is not None:
+        info["mixed"] = mixed(fg)
     return _batched(lambda xb: forward32(fg, xb, node_bounds), x, batch_size, progress, g.num_classes)
 
 
@@ -148,8 +151,10 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
     t = time.perf_counter()
     fwd_progress = (lambda k: progress("forward", k)) if progress else None
     fast_out = None
+    info: dict = {}
     if fast and not estimate_only:
-        fast_out = predict_fast(g, data.x, a.node_bounds, batch_size, fwd_progress, resolve_device(device))
+        fast_out = predict_fast(g, data.x, a.node_bounds, batch_size, fwd_progress, resolve_device(device),
+                                info=info)
     if fast_out is None:
         logits, err = predict(g, data.x, a.node_bounds, batch_size, fwd_progress)
     seconds["forward"] = time.perf_counter() - t
@@ -176,7 +181,10 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
                                          lambda j: exact64(np.asarray(idx)[j]), other=2.0)
             return f, e
 
-        res, logits, err, redo = certify_fast(*fast_out, data.y, a.K, a.body, eps, tier64)
+        # a forward with float64 nodes: their a priori terms bound the float64
+        # path's at most twice, as the float64 tier's do (proofs/fast_forward.md)
+        res, logits, err, redo = certify_fast(*fast_out, data.y, a.K, a.body, eps, tier64,
+                                              other=2.0 if info.get("mixed") else 1.0)
         rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, res)
         rep.fast = {"float32": True, "recomputed_float64": int(len(redo)),
                     "float64_path": int(counts.get("float64_path", 0))}
@@ -195,14 +203,19 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
 
 
 def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:
-    """Samples whose onnxruntime argmax differs from certlib's prediction:
-    uncertified (radius 0) and returned for the report."""
+    """Certified samples whose onnxruntime argmax differs from certlib's
+    prediction: uncertified (radius 0) and returned for the report.  Only the
+    certified samples are run: the veto protects claims, and an uncertified
+    sample makes none (proofs/margin_slack.md)."""
     from certlib.onnx.importer import runtime_argmax
 
-    rt = runtime_argmax(g, x)
+    idx = np.flatnonzero(res.certified)
+    if not g.runtime_model or not len(idx):
+        return []
+    rt = runtime_argmax(g, x[idx])
     if rt is None:
         return []
-    bad = np.flatnonzero(rt != res.pred)
+    bad = idx[rt != res.pred[idx]]
     res.certified[bad] = False
     res.radius[bad] = 0.0
     return [int(i) for i in bad]

@@ -196,3 +196,78 @@ def test_stored_constant_errors_are_charged(digits, where):
     assert np.all(e32 > e_plain)
     if where != "weight":  # (a weight error this small hides under the float32 bound)
         assert np.any(d > e_plain + e_ex)
+
+
+def _residual_node(c, k_centre, bias, hw=4, stride=1, centre_diag=None):
+    """A fused residual conv node W = I + K' (3x3, 'same' padding) whose K'
+    has only the centre tap, every entry ``k_centre``."""
+    from certlib.ir.graph import LinearNode
+
+    k = np.zeros((c, c, 3, 3))
+    k[:, :, 1, 1] = k_centre
+    k[np.arange(c), np.arange(c), 1, 1] += 1.0 if centre_diag is None else centre_diag
+    op = Conv2d(k, (c, hw, hw), stride=(stride, stride), padding=(1, 1, 1, 1))
+    return LinearNode("blk", "Conv", (c, hw, hw), tuple(op.output_shape), op,
+                      None if bias is None else np.full(c, bias))
+
+
+def test_identity_rest_is_exact_and_only_for_identity_plus_kernel():
+    rng = np.random.default_rng(0)
+    node = _residual_node(8, 0.0, None)
+    node.op.kernel[:, :, :, :] += rng.normal(0, 0.01, node.op.kernel.shape)
+    rest = fast.identity_rest(node)
+    w = rest.copy()
+    w[np.arange(8), np.arange(8), 1, 1] += 1.0
+    assert np.array_equal(w, node.op.kernel)                    # W = I + K' exactly
+    assert fast.identity_rest(_residual_node(8, 0.0, None, centre_diag=2.5)) is None   # 2.5 - 1 not Sterbenz
+    assert fast.identity_rest(_residual_node(8, 0.0, None, stride=2)) is None           # not the identity map
+    assert fast.identity_rest(_graph("digits", 0, width=16, depth=2).nodes[-1]) is None  # a Dense head
+
+
+def test_worst_case_executor_stays_within_the_split_chunked_bound():
+    """An executor that rounds every operation of every term up by a full u
+    (the worst any summation order can do on non-negative data: each product
+    passes n/J + J roundings in a chunked sum, the stored weight and the
+    residual add one more each) stays within the node's a priori bound, and
+    without a bias the bound is within a few % of it: a bound that forgot the
+    J partial sums or the residual add would fail here."""
+    c = 128                                             # 9 c >= CHUNK_MIN_TERMS: 8 chunks
+    u = fast.U32
+    x = np.ones((1, c, 4, 4))                           # the Perron vector of |K'|: A'||x|| = |||K'| x||
+    h = torch.as_tensor(x, dtype=torch.float32)
+    kx = 1e-3 * c * np.ones_like(x)                     # K'x, exactly
+    for bias in (None, 0.25):
+        node = _residual_node(c, 1e-3, bias)
+        p = fast._prep_node(node, "cpu")
+        assert p.split and p.chunks == fast.CHUNKS
+        y32, rnd = fast._apply(node, p, h, None, fast._norm_up(h))
+        n_j = (c * 9) // fast.CHUNKS
+        b = bias or 0.0
+        exact = x + kx + b
+        # K'x: stored weight 1, products and chunk sums n_j, partial sums J - 1, bias add 1
+        worst = (x + kx * (1 + u) ** (1 + n_j + fast.CHUNKS - 1 + (bias is not None))
+                 + b * (1 + u) ** 2) * (1 + u)
+        dev = np.linalg.norm(worst - exact)
+        assert dev <= float(rnd[0])
+        assert np.linalg.norm(y32.double().numpy() - exact) <= float(rnd[0])
+        if bias is None:     # (a bias is charged as a term of the dot product: looser)
+            assert float(rnd[0]) <= 1.05 * dev
+
+
+def test_mixed_precision_plan_keeps_the_expensive_nodes_float32():
+    """The cheap linear nodes (stem, neck, head) run in float64, together at
+    most CHEAP_SHARE of the multiply-adds; the most expensive node stays
+    float32; the bound still covers the float64 path's logits."""
+    g = _graph("cifar10", 1, width=64, depth=4, dense_dim=64)
+    fg = fast.prepare(g)
+    from certlib.ir.graph import LinearNode
+    lin = [(fast._macs(n), d) for n, d in zip(g.nodes, fg.dtypes) if isinstance(n, LinearNode)]
+    total = sum(m for m, _ in lin)
+    assert max(lin)[1] == torch.float32
+    assert 0 < sum(m for m, d in lin if d == torch.float64) <= fast.CHEAP_SHARE * total
+    assert fast.mixed(fg)
+    x = np.random.default_rng(0).random((8, *g.input_shape))
+    a = analyze(g, "exact")
+    f32, e32 = predict_fast(g, x, a.node_bounds)
+    f64, e64 = predict(g, x, a.node_bounds)
+    assert np.all(np.linalg.norm(f32 - f64, axis=1) <= e32 + e64)

@@ -102,6 +102,14 @@ class _Lin:
     #: of input norm) and the norm of the broadcast bias error
     const_rel: float = 0.0
     const_abs: float = 0.0
+    #: the kernel holds W - I (W = I + K' exactly): the node computes x + K'x
+    #: (proofs/fast_forward.md, "Identity split")
+    split: bool = False
+    u: float = U32
+    #: the input channels are summed in this many chunks (a grouped conv then a
+    #: sum of the partials): the dot product bound is gamma_{n/J + J}, not
+    #: gamma_n (proofs/fast_forward.md, "Chunked sums")
+    chunks: int = 1
 
 
 def _broadcast_norm(err, entries: int) -> float:
@@ -124,6 +132,46 @@ def _f32_exact(v) -> bool:
     return bool(np.all((a.astype(np.float32).astype(np.float64) == a) | np.isinf(a)))
 
 
+#: chunks of the input channels for a float32 convolution with long dot
+#: products (>= CHUNK_MIN_TERMS): about 1.5x the convolution's time on a CPU,
+#: an 8x smaller a priori bound
+CHUNKS = 8
+CHUNK_MIN_TERMS = 1024
+
+
+def _chunks(node) -> int:
+    op = node.op
+    if isinstance(op, Dense) or node.transposed or op.groups != 1:
+        return 1
+    c_in = op.kernel.shape[1]
+    return CHUNKS if c_in % CHUNKS == 0 and node.terms() >= CHUNK_MIN_TERMS else 1
+
+
+def identity_rest(node) -> np.ndarray | None:
+    """K' = W - I when the convolution node W is the identity plus a kernel
+    (a fused residual block x + Conv(x)): square, groups 1, odd kernel, stride
+    1, padding that keeps the centre tap on the output position, same output
+    size, and every centre-tap diagonal entry in [1/2, 2] so that subtracting
+    1 is exact in float64 (Sterbenz).  None otherwise."""
+    op = getattr(node, "op", None)
+    if not isinstance(node, LinearNode) or isinstance(op, Dense) or node.transposed or any(node.output_padding):
+        return None
+    k = op.kernel
+    c_out, c_in, kh, kw = k.shape
+    dh, dw = op.dilation
+    ph, pw = dh * (kh // 2), dw * (kw // 2)
+    if (c_out != c_in or op.groups != 1 or kh % 2 == 0 or kw % 2 == 0 or tuple(op.stride) != (1, 1)
+            or tuple(op.padding) != (ph, pw, ph, pw) or tuple(op.output_shape) != tuple(op.input_shape)):
+        return None
+    idx = np.arange(c_out)
+    centre = k[idx, idx, kh // 2, kw // 2]
+    if not np.all((centre >= 0.5) & (centre <= 2.0)):
+        return None
+    rest = np.array(k, dtype=np.float64)
+    rest[idx, idx, kh // 2, kw // 2] = centre - 1.0
+    return rest
+
+
 def _prep_node(node, device, dtype=torch.float32):
     u = U32 if dtype == torch.float32 else U64
     npdt = np.float32 if dtype == torch.float32 else np.float64
@@ -142,7 +190,8 @@ def _prep_node(node, device, dtype=torch.float32):
             B = up(float(np.linalg.norm(np.abs(node.bias))) * (1 + gamma(np.size(node.bias) + 2))
                    * math.sqrt(per) * (1 + 4 * U64))
             b = torch.as_tensor(np.asarray(node.bias, dtype=npdt), device=device)
-        g = gamma32(n, u)
+        J = _chunks(node) if dtype == torch.float32 else 1
+        g = gamma32(n if J == 1 else (n - 1) // J + J, u)
         # |fl32(W32 x + b32) - (W x + b)| <= (gamma_n (1 + u) + u)(|W||x| + |b|) + n TINY32
         coef = up((g * (1 + u) + u) * (1 + 8 * U64))
         A = abs_norm_bound(w, not isinstance(op, Dense), getattr(op, 'groups', 1))
@@ -151,8 +200,19 @@ def _prep_node(node, device, dtype=torch.float32):
         rel = float(node.weight_rel_err)
         const_rel = up(A * rel * (1 + 4 * U64)) if rel else 0.0
         const_abs = _broadcast_norm(node.bias_abs_err, out_entries)
-        return _Lin(torch.as_tensor(np.asarray(w, dtype=npdt), device=device), b, A, B, coef, out_entries, n,
-                    const_rel, const_abs)
+        rest = identity_rest(node)
+        split = False
+        if rest is not None:
+            A_rest = abs_norm_bound(rest, True, 1)
+            if A_rest < 0.9 * A:
+                w, A, split = rest, A_rest, True
+        wt = np.asarray(w, dtype=npdt)
+        if J > 1:   # (c_out, c_in, kh, kw) -> (J c_out, c_in / J, kh, kw): group j holds input chunk j
+            c_out, c_in = wt.shape[:2]
+            wt = np.ascontiguousarray(wt.reshape(c_out, J, c_in // J, *wt.shape[2:]).swapaxes(0, 1)
+                                      .reshape(J * c_out, c_in // J, *wt.shape[2:]))
+        return _Lin(torch.as_tensor(wt, device=device), b, A, B, coef, out_entries, n + J - 1,
+                    const_rel, const_abs, split=split, u=u, chunks=J)
     if isinstance(node, AffineNode):
         scale = np.asarray(node.scale, dtype=np.float64)
         shift = np.asarray(node.shift, dtype=np.float64)
@@ -205,6 +265,44 @@ class FastGraph:
     prepared: list
     device: torch.device
     dtype: torch.dtype = torch.float32
+    #: the dtype each node runs in (float64 for the cheap linear nodes of a
+    #: float32 forward, see CHEAP_SHARE); None: all ``dtype``
+    dtypes: list | None = None
+
+
+#: in a float32 forward, a linear node with at most this share of the graph's
+#: multiply-adds runs in float64: its a priori error is then negligible at a
+#: small cost.  Stems, necks and heads are cheap and often ill-conditioned
+#: (|| |W| || >> ||W||), and would otherwise dominate the float32 bound.
+CHEAP_SHARE = 0.05
+
+
+def _cheap_nodes(nodes) -> set:
+    """Indices of the linear nodes run in float64: the cheapest first, while
+    together they hold at most CHEAP_SHARE of the multiply-adds (so the most
+    expensive node always stays float32)."""
+    lin = sorted((_macs(n), k) for k, n in enumerate(nodes) if isinstance(n, LinearNode))
+    total = sum(m for m, _ in lin) + sum(_macs(n) for n in nodes if isinstance(n, ParallelNode))
+    out, acc = set(), 0
+    for m, k in lin:
+        acc += m
+        if acc > CHEAP_SHARE * total:
+            break
+        out.add(k)
+    return out
+
+
+def mixed(fg) -> bool:
+    """Whether some node of a float32 forward runs in float64."""
+    return fg.dtype == torch.float32 and any(d == torch.float64 for d in (fg.dtypes or []))
+
+
+def _macs(node) -> int:
+    if isinstance(node, LinearNode):
+        return node.terms() * int(np.prod(node.out_shape))
+    if isinstance(node, ParallelNode):
+        return sum(_macs(m) for br in node.branches for m in br)
+    return 0
 
 
 GRAPH_FIELDS = {"input_name", "input_shape", "output_name", "nodes", "num_classes", "dropped_output", "batch",
@@ -217,13 +315,18 @@ def prepare(g: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = t
     device = torch.device(device)
     if not (type(g) is Graph and {f.name for f in dataclasses.fields(g)} == GRAPH_FIELDS):
         return None
-    prepared = []
-    for node in g.nodes:
-        p = _prep_node(node, device, dtype)
+    prepared, dtypes = [], []
+    cheap = _cheap_nodes(g.nodes) if dtype == torch.float32 else set()
+    cur = dtype
+    for k, node in enumerate(g.nodes):
+        if dtype == torch.float32 and isinstance(node, LinearNode):
+            cur = torch.float64 if k in cheap else torch.float32
+        p = _prep_node(node, device, cur)
         if p is None:
             return None
         prepared.append(p)
-    return FastGraph(g, prepared, device, dtype)
+        dtypes.append(cur)
+    return FastGraph(g, prepared, device, dtype, dtypes)
 
 
 @contextlib.contextmanager
@@ -273,6 +376,11 @@ def _linear32(node: LinearNode, p: _Lin, h: torch.Tensor) -> torch.Tensor:
         return y if p.bias is None else y + p.bias.reshape(1, -1, 1, 1)
     if any(op.padding):
         h = F.pad(h, (pl, pr, pt, pb))
+    if p.chunks > 1:
+        # partial sums over the input-channel chunks, then their sum, then the bias
+        y = F.conv2d(h, p.weight, None, stride=op.stride, dilation=op.dilation, groups=p.chunks)
+        y = y.reshape(y.shape[0], p.chunks, -1, *y.shape[2:]).sum(dim=1)
+        return y if p.bias is None else y + p.bias.reshape(1, -1, 1, 1)
     return F.conv2d(h, p.weight, p.bias, stride=op.stride, dilation=op.dilation, groups=op.groups)
 
 
@@ -283,6 +391,10 @@ def _apply(node, p, h: torch.Tensor, bound, hn: torch.Tensor):
         y = _linear32(node, p, h)
         tiny = math.sqrt(p.out_entries) * p.terms * TINY32
         rnd = (hn * p.A + p.B) * p.coef + tiny
+        if p.split:
+            # y = fl(x + c), c = fl(K'x + b): |y - (x + c)| <= u/(1-u) (|y| + t) + t
+            y = y + h
+            rnd = (rnd + _norm_up(y) * (p.u / (1 - p.u)) + math.sqrt(p.out_entries) * 3 * TINY32) * (1 + 4 * U64)
         if p.const_rel or p.const_abs:
             rnd = (rnd + hn * p.const_rel + p.const_abs) * (1 + 4 * U64)
         return y, rnd
@@ -347,7 +459,13 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
         x64 = torch.as_tensor(np.asarray(x, dtype=np.float64))
         err = _norm_up(h.cpu().double() - x64) * (1 + 2 * U64)  # + the subtraction's rounding
         hn = _norm_up(h)
-        for node, p, nb in zip(fg.graph.nodes, fg.prepared, node_bounds):
+        for node, p, nb, dt in zip(fg.graph.nodes, fg.prepared, node_bounds, fg.dtypes or [fg.dtype] * len(fg.prepared)):
+            if h.dtype != dt:
+                if dt == torch.float32:
+                    # float64 -> float32: |fl32(v) - v| <= u|v| + t per entry
+                    err = err + hn * U32 + math.sqrt(h[0].numel()) * TINY32
+                h = h.to(dt)
+                hn = _norm_up(h)
             h, rnd = _apply(node, p, h, nb, hn)
             hn = _norm_up(h)
             err = (err * float(nb) + rnd) * (1 + 4 * U64)
@@ -357,4 +475,5 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
     return out, err
 
 
-__all__ = ["FastGraph", "prepare", "forward32", "ieee_float32", "abs_norm_bound", "gamma32", "U32"]
+__all__ = ["FastGraph", "prepare", "forward32", "ieee_float32", "abs_norm_bound", "gamma32", "identity_rest", "mixed",
+           "U32"]
