@@ -73,6 +73,8 @@ class Records:
         cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self.parts.items() if k != "margins"}
         order = np.argsort(cat["idx"], kind="stable")
         c = {k: v[order] for k, v in cat.items()}
+        if not np.array_equal(c["idx"], np.arange(len(order))):  # every sample exactly once
+            raise RuntimeError("streamed records do not cover the samples 0..n-1 exactly once")
         mg = (np.concatenate(self.parts["margins"])[order] if self.parts["margins"]
               else np.zeros((len(order), 0)))
         res = Result(c["pred"].astype(np.int64), c["correct"].astype(bool), c["certified"].astype(bool),
