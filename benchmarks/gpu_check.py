@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py --device cpu --quick   # tiny sizes, to test the script
     python benchmarks/gpu_check.py --skip-imagenet --precision fp32   # the paper presets' precision
     python benchmarks/gpu_check.py --skip-imagenet --precision bf16   # what bf16 saves (issue 16)
+    python benchmarks/gpu_check.py --certify          # certification: GPU bound engine, bounds, verify
 
 Measures, with the trainer's own step (certlib.train.step.TrainStep:
 ``--precision`` for the network, default auto = bf16 autocast on CUDA; the
@@ -131,7 +132,18 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-imagenet", action="store_true")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
                     help="the network's precision (auto: bf16 on CUDA; the paper presets' default is fp32)")
-    a = ap.parse_args(argv)
+    ap.add_argument("--certify", action="store_true", help="run the certification checks instead "
+                    "(benchmarks/gpu_certify.py: GPU bound engine vs numpy, bounds and streamed verify timings)")
+    a, rest = ap.parse_known_args(argv)
+    if a.certify:
+        import os
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gpu_certify import main as certify_main
+
+        return certify_main(["--device", a.device, *(["--quick"] if a.quick else []), *rest])
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     global PRECISION
     PRECISION = a.precision
 

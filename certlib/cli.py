@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from certlib._version import __version__
 from certlib.cli_common import (DeviceOpt, EpsOpt, EstimateOnlyOpt, InputShapeOpt, JsonOpt, LimitOpt,  # noqa: F401
-                                MethodOpt, ModelArg, ReportOpt, DataOpt, UsageError, _data, _eps, _method, _progress,
+                                MethodOpt, ModelArg, ReportOpt, DataOpt, UsageError, _data, _device, _eps, _method, _progress,
                                 _shape, app, err_console)
 from certlib.errors import CertlibError, ProofCheckError as ProofFailure
 
@@ -40,16 +40,28 @@ def verify(
                                          "`certlib check` re-verifies independently (proofs/certificate.md)."),
     report: ReportOpt = None,
     device: DeviceOpt = "auto",
+    workers: int = typer.Option(2, help="Image-decoding worker processes for streamed folders (0: decode in "
+                                        "the main process)."),
 ) -> None:
-    """Certify MODEL on a dataset at radius EPS and print the report."""
-    from certlib.report import print_report, write_json, write_plot, write_tsv
+    """Certify MODEL on a dataset at radius EPS and print the report.
+
+    Image folders (imagenet:, imagefolder:, tinyimagenet:) are streamed: decoded batch by batch in --workers
+    processes, never held in memory, with a progress bar (images/s, ETA); the TSV is written as batches finish.
+    Under torchrun (`torchrun --nproc_per_node N -m certlib verify ...`) each rank certifies every N-th sample
+    and rank 0 writes the one report, TSV and certificate."""
+    from certlib import cli_stream
     from certlib.verify import verify_file
 
     e = _eps(eps)
     m = _method(method, estimate_only)
-    ds = _data(data, limit)
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    dev = _device(device)
+    if cli_stream.wants_stream(data):
+        cli_stream.run(model, e, m, data, limit, batch_size, input_shape, estimate_only, json_out, tsv, plot, proof,
+                       report, dev, workers)
+        return
+    ds = _data(data, limit)
     with _progress() as p:
         task = p.add_task("importing model")
 
@@ -60,29 +72,8 @@ def verify(
                           estimate_only=estimate_only, progress=prog,
                           # certificates bound input normalisation on its own (as the checker does)
                           # (and, by verify_graph's default, its float64 logits)
-                          fold_inputs=proof is None, device=device)
-    print_report(rep, err_console)
-    if json_out:
-        write_json(rep, json_out)
-    if rep.result is not None:
-        if tsv:
-            write_tsv(rep, ds.y, tsv)
-        if plot:
-            write_plot(rep, plot)
-        if report:
-            from certlib.report import write_html
-
-            write_html(rep, ds.y, report)
-    elif tsv or plot or report:
-        err_console.print("[yellow]--tsv/--plot/--report need sound certification; skipped with --estimate-only[/]")
-    if proof:
-        from certlib.certificate import write_certificate
-
-        c = write_certificate(proof, model, rep, ds, data, input_shape=_shape(input_shape))
-        err_console.print(f"wrote certificate {proof} (check it with: certlib check {model} {proof})")
-        if c["summary"]["certified"] < rep.result.certified.sum():
-            err_console.print(f"[yellow]the certificate states {c['summary']['certified']} certified samples: "
-                              "the others clear eps by less than 1024 rounding-error bounds[/]")
+                          fold_inputs=proof is None, device=dev)
+    cli_stream.write_outputs(rep, ds, model, data, input_shape, json_out, tsv, plot, proof, report)
 
 
 @app.command()
@@ -94,14 +85,17 @@ def check(
     bounds_only: bool = typer.Option(False, "--bounds-only", help="Check only the model, the operator bounds, "
                                      "the composition and K (for the certificate's input shape); no sample, "
                                      "radius or summary claim is checked."),
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Independently re-check a certificate (proofs/checker.py; exit 0 valid, 4 invalid, 2 no data)."""
+    """Independently re-check a certificate (proofs/checker.py; exit 0 valid, 4 invalid, 2 no data).  The checker
+    runs on the CPU in numpy float64 whatever --device says (its trust base); --device is only validated."""
     import time
 
     from certlib.errors import ProofCheckError
     from certlib.proofs.checker import CheckFailed
     from certlib.proofs.checker import check as run_check
 
+    _device(device)  # validated; the independent checker's trust base is numpy/LAPACK on the CPU
     try:
         c, blob = json.loads(Path(cert).read_text()), Path(model).read_bytes()
     except (OSError, ValueError) as e:
@@ -141,15 +135,20 @@ def bounds(
     input_shape: InputShapeOpt = None,
     estimate_only: EstimateOnlyOpt = False,
     json_out: JsonOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Per-layer Lipschitz bounds and the body bound (no data needed)."""
+    """Per-layer Lipschitz bounds and the body bound (no data needed).  With --device cuda the exact method's
+    convolution frequency blocks, Grams and Cholesky proofs run there in float64 (proofs/device_bounds.md)."""
     from certlib.ir.compose import analyze
     from certlib.onnx.importer import load
     from certlib.report import layers_table
     from certlib.verify import file_sha256
 
+    from certlib.verifiers.svd import on_device
+
     m = _method(method, estimate_only)
-    with _progress() as p:
+    dev = _device(device)
+    with _progress() as p, on_device(dev):
         task = p.add_task("importing model")
         _, g = load(model, _shape(input_shape))
         a = analyze(g, m, estimate_only=estimate_only,
@@ -176,6 +175,7 @@ def attack(
     restarts: int = typer.Option(3, help="PGD restarts (the first starts at the clean point)."),
     input_shape: InputShapeOpt = None,
     json_out: JsonOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Falsify certificates: PGD-l2 inside eps on every certified sample, and an
     empirical (lower) bound on the logits' Lipschitz constant.  A sound
@@ -188,6 +188,7 @@ def attack(
 
     e = _eps(eps)
     m = _method(method, False)
+    dev = _device(device)
     ds = _data(data, limit)
     if steps < 1 or restarts < 1:
         raise UsageError("--steps and --restarts must be >= 1")
@@ -195,7 +196,7 @@ def attack(
         task = p.add_task("importing model")
         _, g = load(model, _shape(input_shape))
         p.update(task, description="certifying")
-        rep = verify_graph(g, ds, e, m)
+        rep = verify_graph(g, ds, e, m, device=dev)  # the attack itself: float64 on the CPU
         r = rep.result
         cert = np.flatnonzero(r.certified)
         p.update(task, description=f"PGD-l2 on {cert.size} certified samples")

@@ -34,8 +34,9 @@ EstimateOnlyOpt = Annotated[bool, typer.Option("--estimate-only", help=(
     "Never a certificate."))]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write one self-contained HTML report here.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda | auto (cuda when available): where the float32 "
-                                             "fast forward runs (proofs/fast_forward.md).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda | auto (cuda when available, else cpu): where the "
+                                             "forward passes (float32 fast forward, proofs/fast_forward.md) and "
+                                             "the exact method's FFT blocks and Cholesky proofs (float64) run.")]
 
 
 def _shape(text: Optional[str]):
@@ -55,6 +56,28 @@ def _progress():
 
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                     console=err_console, transient=True)
+
+
+def _rate_progress(unit: str = "img"):
+    """A progress bar with done/total, images per second and ETA (stderr)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s")
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+                    transient=True)
+
+
+def _device(device: str) -> str:
+    """``--device``: cpu | cuda | auto -> the device to use (UsageError when cuda is missing)."""
+    from certlib.verify import resolve_device
+
+    return resolve_device(device)
 
 
 def _eps(text: str) -> float:

@@ -102,14 +102,14 @@ def resolve_device(device: str | None) -> str:
     if d.startswith("cuda") and not torch.cuda.is_available():
         from certlib.errors import UsageError
         raise UsageError("--device cuda: no CUDA device is available")
-    if d != "cpu" and not d.startswith("cuda"):
+    if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
         from certlib.errors import UsageError
         raise UsageError(f"--device must be cpu, cuda or auto, got {device!r}")
     return d
 
 
 def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progress=None,
-                 device: str = "cpu", dtype=None, info: dict | None = None):
+                 device: str = "cpu", dtype=None, cache: dict | None = None, info: dict | None = None):
     """Float32 (or ``dtype``) logits with a priori error bounds
     (proofs/fast_forward.md), or None when the graph is outside the error model.
     ``info`` (a dict) receives ``mixed``: whether some nodes ran in float64."""
@@ -117,7 +117,14 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
 
     from certlib.ir.fast import forward32, mixed, prepare
 
-    fg = prepare(g, device, dtype or torch.float32)
+    # ``cache`` (a dict the caller keeps for one run of one unchanged graph): prepared once per
+    # (device, dtype), as a streamed run calls this for every batch
+    key = (str(device), dtype or torch.float32)
+    if cache is None or key not in cache:
+        fg = prepare(g, device, dtype or torch.float32)
+        if cache is not None:
+            cache[key] = fg
+    fg = cache[key] if cache is not None else fg
     if fg is None:
         return None
     if info is not None:
@@ -145,20 +152,58 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
         raise UsageError(f"labels go up to {int(data.y.max())} but the model has {g.num_classes} outputs")
     seconds = {}
     t = time.perf_counter()
-    a = analyze(g, method=method, estimate_only=estimate_only,
-                progress=(lambda name: progress("bounds", name)) if progress else None, fold_inputs=fold_inputs)
+    from certlib.verifiers.svd import on_device
+
+    with on_device(resolve_device(device)):
+        a = analyze(g, method=method, estimate_only=estimate_only,
+                    progress=(lambda name: progress("bounds", name)) if progress else None, fold_inputs=fold_inputs)
     seconds["bounds"] = time.perf_counter() - t
-    t = time.perf_counter()
     fwd_progress = (lambda k: progress("forward", k)) if progress else None
+    out = certify_arrays(g, a, data.x, data.y, eps, batch_size=batch_size, estimate_only=estimate_only,
+                         fwd_progress=fwd_progress, device=device, fast=fast)
+    seconds.update(out.seconds)
+    if estimate_only:
+        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, None, out.estimated_vra,
+                           out.estimated_clean)
+    else:
+        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, out.result)
+        rep.runtime_disagree = out.runtime_disagree
+    rep.fast = out.fast
+    rep.seconds = seconds
+    return rep
+
+
+@dataclass
+class Certified:
+    """What :func:`certify_arrays` finds for a set of samples."""
+    result: Result | None                  # None with estimate_only
+    estimated_vra: float | None = None
+    estimated_clean: float | None = None
+    runtime_disagree: list = field(default_factory=list)   # indices into the given samples
+    fast: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+
+def certify_arrays(g: Graph, a: Analysis, x: np.ndarray, y: np.ndarray, eps: float, *, batch_size: int = 256,
+                   estimate_only: bool = False, fwd_progress=None, device: str = "auto",
+                   fast: bool = True, cache: dict | None = None) -> Certified:
+    """Certify the samples ``x`` (labels ``y``) with the analysis ``a`` of ``g``:
+    the forward (float32 with the a priori bound where ``fast``, float64
+    where the decision needs it), the certificate rule and the onnxruntime
+    veto.  Each sample's outcome depends on that sample alone, so certifying
+    a split batch by batch (:mod:`certlib.verify_stream`) decides as one call."""
+    seconds = {}
+    t = time.perf_counter()
     fast_out = None
     info: dict = {}
     if fast and not estimate_only:
-        fast_out = predict_fast(g, data.x, a.node_bounds, batch_size, fwd_progress, resolve_device(device),
-                                info=info)
+        fast_out = predict_fast(g, x, a.node_bounds, batch_size, fwd_progress, resolve_device(device),
+                                cache=cache, info=info)
     if fast_out is None:
-        logits, err = predict(g, data.x, a.node_bounds, batch_size, fwd_progress)
+        logits, err = predict(g, x, a.node_bounds, batch_size, fwd_progress)
     seconds["forward"] = time.perf_counter() - t
     t = time.perf_counter()
+    out = Certified(None)
     if fast_out is not None:
         from certlib.fast_certify import certify_fast
 
@@ -168,38 +213,36 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
 
         def exact64(idx):
             counts["float64_path"] = counts.get("float64_path", 0) + len(idx)
-            return predict(g, data.x[idx], a.node_bounds, batch_size)
+            return predict(g, x[idx], a.node_bounds, batch_size)
 
         def tier64(idx):
             # float64 with the a priori bound: the float64 path's own bound is
             # at most twice it (proofs/fast_forward.md)
-            sub = data.x[idx]
-            out = predict_fast(g, sub, a.node_bounds, batch_size, None, resolve_device(device), torch.float64)
-            if out is None:
+            sub = x[idx]
+            o = predict_fast(g, sub, a.node_bounds, batch_size, None, resolve_device(device), torch.float64,
+                             cache=cache)
+            if o is None:
                 return exact64(idx)
-            _, f, e, redo = certify_fast(*out, data.y[idx], a.K, a.body, eps,
+            _, f, e, redo = certify_fast(*o, y[idx], a.K, a.body, eps,
                                          lambda j: exact64(np.asarray(idx)[j]), other=2.0)
             return f, e
 
         # a forward with float64 nodes: their a priori terms bound the float64
         # path's at most twice, as the float64 tier's do (proofs/fast_forward.md)
-        res, logits, err, redo = certify_fast(*fast_out, data.y, a.K, a.body, eps, tier64,
-                                              other=2.0 if info.get("mixed") else 1.0)
-        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, res)
-        rep.fast = {"float32": True, "recomputed_float64": int(len(redo)),
+        out.result, logits, err, redo = certify_fast(*fast_out, y, a.K, a.body, eps, tier64,
+                                                     other=2.0 if info.get("mixed") else 1.0)
+        out.fast = {"float32": True, "recomputed_float64": int(len(redo)),
                     "float64_path": int(counts.get("float64_path", 0))}
     elif estimate_only:
-        vra = estimate_vra(logits, data.y, a.K, eps)
-        clean = float((np.argmax(logits, axis=1) == data.y).mean()) if len(data) else 0.0
-        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, None, vra, clean)
+        out.estimated_vra = estimate_vra(logits, y, a.K, eps)
+        out.estimated_clean = float((np.argmax(logits, axis=1) == y).mean()) if len(y) else 0.0
     else:
-        res = certify(logits, err, data.y, a.K, a.body, eps)
-        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, res)
+        out.result = certify(logits, err, y, a.K, a.body, eps)
     if not estimate_only:
-        rep.runtime_disagree = _runtime_veto(g, data.x, res)
+        out.runtime_disagree = _runtime_veto(g, x, out.result)
     seconds["certify"] = time.perf_counter() - t
-    rep.seconds = seconds
-    return rep
+    out.seconds = seconds
+    return out
 
 
 def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:

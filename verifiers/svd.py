@@ -37,6 +37,8 @@ BLAS/LAPACK/torch threads (restored afterwards).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
@@ -56,6 +58,25 @@ __all__ = ["bound", "dense_bound", "conv_bound", "circular_conv_bound", "circula
 TWIDDLE_ERR = 16.0 * U
 #: blocks per chunk limit (complex entries) for the frequency sweep.
 CHUNK_ELEMS = 2 ** 21
+#: where the convolution engine runs: None = numpy on the CPU (default); a torch
+#: device ("cpu", "cuda") = verifiers/svd_torch.py there.  Set with :func:`on_device`.
+_DEVICE: contextvars.ContextVar = contextvars.ContextVar("certlib_svd_device", default=None)
+
+
+@contextlib.contextmanager
+def on_device(device: str | None, torch_on_cpu: bool = False):
+    """Run the exact method's convolution bounds (frequency blocks, Grams,
+    Cholesky proofs, eigenvalues) in torch float64 on ``device`` inside this
+    block; ``None`` or "cpu" keeps the numpy engine (the default) unless
+    ``torch_on_cpu`` (tests compare the two engines that way)."""
+    keep_numpy = device is None or (str(device) == "cpu" and not torch_on_cpu)
+    tok = _DEVICE.set(None if keep_numpy else str(device))
+    try:
+        yield
+    finally:
+        _DEVICE.reset(tok)
+
+
 #: BLAS/LAPACK/torch threads used inside the verifier.  Multi-threaded LAPACK
 #: (notably the Hermitian eigensolver) slows down 100x when cores are shared.
 THREADS = 1
@@ -165,14 +186,19 @@ def _block_engine(Kp: np.ndarray, pos: np.ndarray, grid) -> tuple[float, float, 
         return out.reshape(len(fidx) * g, m, n2)
 
     fb = max(1, CHUNK_ELEMS // (g * m * n2))
-    order = np.arange(len(F))
-    if len(F) > fb:  # pass 1: cheap bounds, to visit the largest blocks first
-        ub = np.concatenate([_cheap_bounds(blocks(order[i:i + fb])).reshape(-1, g).max(axis=1)
-                             for i in range(0, len(F), fb)])
-        order = np.argsort(-ub, kind="stable")
-    eng = _MaxSigma()
-    for i in range(0, len(F), fb):
-        eng.add(blocks(order[i:i + fb]))
+    if _DEVICE.get() is not None:  # the same sweep in torch on that device (verifiers/svd_torch.py)
+        from certlib.verifiers.svd_torch import block_max
+
+        eng = block_max(ct, st, J, KT, fb, (g, m, n2), _DEVICE.get())
+    else:
+        order = np.arange(len(F))
+        if len(F) > fb:  # pass 1: cheap bounds, to visit the largest blocks first
+            ub = np.concatenate([_cheap_bounds(blocks(order[i:i + fb])).reshape(-1, g).max(axis=1)
+                                 for i in range(0, len(F), fb)])
+            order = np.argsort(-ub, kind="stable")
+        eng = _MaxSigma()
+        for i in range(0, len(F), fb):
+            eng.add(blocks(order[i:i + fb]))
     # DFT error: per entry |err| <= sqrt2 * delta * S[o,c], S = sum_a |K_a|.
     delta = up_add(TWIDDLE_ERR, up_mul(_gamma(T), up(1.0 + TWIDDLE_ERR)))
     S = np.abs(Kp).sum(axis=-1)

@@ -24,7 +24,8 @@ Folder datasets are decoded with Pillow (no torchvision needed).  Labels are
 the index of the class folder name in the sorted list of the TRAIN split's
 class folders (torchvision's ImageFolder convention), for both splits.
 :func:`load` materialises a split in memory as float32; it refuses splits
-larger than ``CERTLIB_MAX_LOAD_GIB`` (default 16) GiB; the trainer streams
+larger than ``CERTLIB_MAX_LOAD_GIB`` (default 16) GiB; the trainer and ``certlib verify``
+(:mod:`certlib.data.stream`) stream
 such splits through :func:`open_folder` instead.
 """
 

@@ -155,13 +155,22 @@ def import_model(model: onnx.ModelProto, input_shape: tuple | None = None,
     return g
 
 
+_SESSION: list = [None, None]   # (the model bytes object, its session): a streamed run vetoes every batch
+
+
+def _session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    if _SESSION[0] is not model_bytes:
+        _SESSION[:] = [model_bytes, ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])]
+    return _SESSION[1]
+
+
 def _runtime_outputs(model_bytes: bytes, g: Graph, x: np.ndarray) -> np.ndarray:
     """onnxruntime's outputs on x (float32 samples), run in chunks of the
     model's fixed batch size (the last chunk padded) when it has one."""
-    import onnxruntime as ort
-
     try:
-        sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        sess = _session(model_bytes)
         xin = x.astype(np.float64) if "double" in sess.get_inputs()[0].type else x.astype(np.float32)
         b = g.batch or 256
         outs = []
