@@ -25,8 +25,8 @@ from certlib.ir.execute import execute
 from certlib.ir.graph import ActivationNode, Graph, LinearNode, ReshapeNode
 from certlib.onnx.importer import load
 from certlib.verifiers.operators import Dense
-from certlib.verify import verify_graph
-from tests.sem_models import cancel_data, cancel_model, export
+from certlib.verify import verify_file, verify_graph
+from tests.sem_models import cancel_data, cancel_onnx
 
 
 def _round(v, fmt: str) -> np.ndarray:
@@ -148,7 +148,7 @@ def test_rule_is_tight_enough_to_matter():
 @pytest.fixture(scope="module")
 def cancel(tmp_path_factory):
     p = tmp_path_factory.mktemp("sem") / "cancel.onnx"
-    export(cancel_model(), p)
+    cancel_onnx(p)
     x, y = cancel_data()
     np.savez(p.with_suffix(".npz"), x=x, y=y)
     return p, load(p)[1], Dataset(x, y, "cancel", 2)
@@ -236,3 +236,38 @@ def test_cli_semantics(cancel, tmp_path):
     assert r.returncode == 0, r.stderr
     js = json.loads((tmp_path / "a.json").read_text())
     assert js["violations"] == [] and js["certified"] == 4 and js["executed_in"] == "the model executed in float32"
+
+
+def test_certificate_float32_rechecked_and_tamper_rejected(cancel, tmp_path):
+    """`certlib check` re-derives the float32 execution-error bound from the recorded stage norms; a
+    lowered norm, a changed semantics or a radius beyond eps is rejected."""
+    from certlib.certificate import write_certificate
+    from certlib.proofs.checker import CheckFailed, check
+
+    p, g, ds = cancel
+    rep = verify_file(p, ds, 0.1, semantics="float32", fold_inputs=False)
+    cert = write_certificate(tmp_path / "c.json", p, rep, ds, "arrays")
+    assert cert["semantics"]["name"] == "float32" and "executed in float32" in cert["claim"]
+    assert cert["summary"]["certified"] == 4 and all(s["radius"] <= 0.1 for s in cert["samples"])
+    blob = p.read_bytes()
+    assert check(blob, cert, ds.x, ds.y)["certified"] == 4
+    bad = json.loads(json.dumps(cert))
+    bad["samples"][0]["stage_norms"][1] *= 0.5
+    with pytest.raises(CheckFailed, match="stage_norms"):
+        check(blob, bad, ds.x, ds.y)
+    bad = json.loads(json.dumps(cert))
+    bad["semantics"]["name"] = "float16"            # the claim text no longer matches
+    with pytest.raises(CheckFailed):
+        check(blob, bad, ds.x, ds.y)
+    bad = json.loads(json.dumps(cert))
+    bad["samples"][0]["radius"] = 0.2
+    with pytest.raises(CheckFailed, match="radius"):
+        check(blob, bad, ds.x, ds.y)
+    # the float16 certificate of the same model certifies nothing, and the checker agrees
+    r16 = verify_file(p, ds, 0.1, semantics="float16", fold_inputs=False)
+    c16 = write_certificate(tmp_path / "c16.json", p, r16, ds, "arrays")
+    assert c16["summary"]["certified"] == 0 and check(blob, c16, ds.x, ds.y)["certified"] == 0
+    forged = json.loads(json.dumps(c16))
+    forged["samples"][0]["certified"] = True
+    with pytest.raises(CheckFailed, match="certified"):
+        check(blob, forged, ds.x, ds.y)

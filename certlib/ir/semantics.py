@@ -265,7 +265,7 @@ def ball_forward(g: Graph, rules: list, sem: Semantics, x: np.ndarray, node_boun
         P = 1.0
         norms = []
         for node, rule, nb in zip(g.nodes, rules, node_bounds):
-            hn = (_norms(h) + e64) * (1 + 4 * U64)
+            hn = (_norms(h) + 2 * e64) * (1 + 4 * U64)   # 2 e64: room for the checker's own error bound
             norms.append(hn)
             L = float(nb)
             Pe = P * eps if P * eps == P * eps else math.inf   # inf * 0
