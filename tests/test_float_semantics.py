@@ -271,3 +271,35 @@ def test_certificate_float32_rechecked_and_tamper_rejected(cancel, tmp_path):
     forged["samples"][0]["certified"] = True
     with pytest.raises(CheckFailed, match="certified"):
         check(blob, forged, ds.x, ds.y)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "float16"])
+def test_digits_attack_finds_no_violation(fmt):
+    """A digits-sized LiResNet (random weights, a large head bias for large logit gaps): the samples
+    certified under the semantics survive PGD-l2 whose iterates all run in that precision."""
+    from certlib.attack import pgd_l2_executed
+    from certlib.data import load as load_data
+    from certlib.ir.compose import split_head
+    from certlib.models.liresnet import build
+    from certlib.onnx.export import build_onnx
+    from certlib.onnx.importer import import_model
+
+    torch.manual_seed(0)
+    m = build("digits", width=16, depth=2)
+    m.eval()
+    g = import_model(build_onnx(m))
+    g.nodes[split_head(g)].bias = np.random.default_rng(0).normal(0, 40.0, g.num_classes)
+    d = load_data("digits", "test")
+    ds = Dataset(d.x[:24], d.y[:24], "digits[:24]", 10)
+    eps = 0.05
+    r = verify_graph(g, ds, eps, semantics=fmt).result
+    cert = np.flatnonzero(r.certified)
+    assert cert.size >= 3
+    flipped, _ = pgd_l2_executed(g, ds.x[cert], r.pred[cert], eps, fmt, steps=10, restarts=2)
+    assert not flipped.any()
+    # the same attack does find flips of the hand-built certificate in float16 (the falsifier works)
+    x, y = cancel_data()
+    gc = _graph([(np.eye(1), np.array([1024.0])), (np.eye(1), np.array([-1024.0])),
+                 (np.array([[-1.0], [1.0]]), np.array([0.1, 0.0]))])
+    gc.nodes = [n for n in gc.nodes if not isinstance(n, ActivationNode)]
+    assert pgd_l2_executed(gc, x.reshape(-1, 1), y, 0.1, "float16", steps=2, restarts=1)[0].all()
