@@ -57,6 +57,9 @@ class Report:
     lipschitz = property(lambda self: float(self.verify_report.analysis.body.value))
     layers = property(lambda self: list(self.verify_report.analysis.layers))
     sound = property(lambda self: bool(self.verify_report.sound))
+    #: "exact", or the precision ("float32", "bfloat16", "float16") the model is certified executed in
+    semantics = property(lambda self: getattr(self.verify_report.semantics, "name", "exact"))
+    semantics_obj = property(lambda self: self.verify_report.semantics)
 
     def as_dict(self) -> dict:
         """The ``certlib verify --json`` schema."""
@@ -92,7 +95,8 @@ class Report:
 
 
 def verify(model, data, eps, *, method: str = "exact", device: str | None = None, limit: int | None = None,
-           input_shape: tuple | None = None, batch_size: int = 256, proof: str | Path | None = None) -> Report:
+           input_shape: tuple | None = None, batch_size: int = 256, proof: str | Path | None = None,
+           semantics: str = "exact", accumulate: str = "float32") -> Report:
     """Certify ``model`` on ``data`` at l2 radius ``eps`` and return a :class:`Report`.
 
     ``model``: ONNX path, ``onnx.ModelProto``, ``torch.nn.Module`` or :class:`Model`.
@@ -100,7 +104,10 @@ def verify(model, data, eps, *, method: str = "exact", device: str | None = None
     DataLoader, or a Dataset.  ``eps``: a float or a string like ``"36/255"``
     (rounded up).  ``device``: where a torch module runs for the comparison with
     the exported model (certification itself runs in float64 on the CPU).
-    ``proof``: write a certificate that :func:`check` re-verifies (ONNX paths only)."""
+    ``proof``: write a certificate that :func:`check` re-verifies (ONNX paths only).
+    ``semantics``: "exact" (the model's function in exact arithmetic) or "float32" /
+    "bfloat16" / "float16": the model executed in that precision, over the whole ball
+    (``accumulate``: "float32" or "storage" for the 16-bit formats; proofs/float_semantics.md)."""
     from certlib.verify import verify_graph
 
     e = _eps(eps)
@@ -114,7 +121,7 @@ def verify(model, data, eps, *, method: str = "exact", device: str | None = None
     if proof is not None and m.path is None:
         raise UsageError("proof= needs the model as an ONNX file path (the certificate hashes the file)")
     rep = verify_graph(m.graph, ds, e, _method(method), model_name=m.name, sha256=m.sha256,
-                       batch_size=batch_size, fold_inputs=proof is None)
+                       batch_size=batch_size, fold_inputs=proof is None, semantics=semantics, accumulate=accumulate)
     out = Report(rep, ds, m)
     if proof is not None:
         from certlib.certificate import write_certificate
@@ -202,16 +209,22 @@ class AttackResult:
 
 
 def attack(model, data, eps, *, method: str = "exact", limit: int | None = None, steps: int = 50,
-           restarts: int = 3, seed: int = 0, report: Report | None = None) -> AttackResult:
+           restarts: int = 3, seed: int = 0, report: Report | None = None, semantics: str = "exact") -> AttackResult:
     """Try to break the certificates of ``verify(model, data, eps)`` with PGD-l2.
-    Pass ``report`` to reuse a Report (its attack result is then shown in its HTML)."""
-    from certlib.attack import empirical_lipschitz, pgd_l2
+    Pass ``report`` to reuse a Report (its attack result is then shown in its HTML).
+    ``semantics`` float32 / bfloat16 / float16: certificates issued under that
+    semantics, and every PGD iterate run with the model converted to that precision."""
+    from certlib.attack import empirical_lipschitz, pgd_l2, pgd_l2_executed
 
-    rep = report if report is not None else verify(model, data, eps, method=method, limit=limit)
+    rep = report if report is not None else verify(model, data, eps, method=method, limit=limit, semantics=semantics)
     g, ds, r = rep.model.graph, rep.data, rep.result
+    sem = rep.semantics_obj
     cert = np.flatnonzero(r.certified)
     flipped = np.zeros(0, dtype=bool)
-    if cert.size:
+    if cert.size and sem is not None and not sem.exact:
+        flipped, _ = pgd_l2_executed(g, ds.x[cert], r.pred[cert], rep.eps, sem.name, steps=steps,
+                                     restarts=restarts, seed=seed)
+    elif cert.size:
         flipped, _ = pgd_l2(g, ds.x[cert], r.pred[cert], rep.eps, steps=steps, restarts=restarts, seed=seed)
     lower = empirical_lipschitz(g, ds.x[: min(len(ds), 64)], steps=steps, seed=seed)
     upper = lipschitz_bound(rep.model, method).value

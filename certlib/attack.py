@@ -58,6 +58,49 @@ def pgd_l2(g: Graph, x: np.ndarray, target: np.ndarray, eps: float, steps: int =
     return flipped, best.numpy()
 
 
+def pgd_l2_executed(g: Graph, x: np.ndarray, target: np.ndarray, eps: float, precision: str, steps: int = 50,
+                    restarts: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """PGD-l2 against the model EXECUTED in ``precision`` (float32, bfloat16,
+    float16; :func:`certlib.ir.execute.execute`): the search direction is the
+    float64 gradient, and every iterate (and x itself) is run in the format; a
+    sample is flipped when some point strictly inside the ball gets another
+    argmax there.  Returns (flipped mask, a flipping point per sample (x where none))."""
+    from certlib.ir.execute import execute
+
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    y = np.asarray(target, dtype=np.int64)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    found = np.zeros(len(y), dtype=bool)
+    where = x0.numpy().copy()
+
+    def probe(pts: torch.Tensor):
+        f = execute(g, pts.numpy(), precision)
+        bad = ~found & ((np.argmax(np.where(np.isnan(f), -np.inf, f), axis=1) != y) | ~np.all(np.isfinite(f), axis=1))
+        where[bad] = pts.numpy()[bad]
+        found[bad] = True
+
+    probe(x0)
+    alpha = 2.5 * eps / steps
+    yt = torch.as_tensor(y)
+    for r in range(restarts):
+        if r == 0:
+            delta = torch.zeros_like(x0)
+        else:
+            delta = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+            delta = delta / delta.flatten(1).norm(dim=1).view(shape) * eps * 0.5
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = _margin_loss(g.torch_forward(x0 + delta), yt)
+            grad, = torch.autograd.grad(loss.sum(), delta)
+            with torch.no_grad():
+                delta = delta + alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
+                dn = delta.flatten(1).norm(dim=1).view(shape)
+                delta = delta * torch.clamp(eps * (1 - 1e-9) / dn.clamp_min(1e-30), max=1.0)
+                probe(x0 + delta)
+    return found, where
+
+
 def empirical_lipschitz(g: Graph, x: np.ndarray, steps: int = 50, radius: float = 1e-2,
                         seed: int = 0) -> float:
     """A LOWER bound on the l2 Lipschitz constant of the logits: maximise

@@ -49,6 +49,8 @@ class AuditReport:
     gap: float | None                # proven / empirical
     vra: dict = field(default_factory=dict)   # eps -> (certified accuracy, clean accuracy)
     n: int = 0
+    #: the semantics the sound VRA holds for (the Lipschitz verdict is about the exact function)
+    semantics: str = "exact"
 
     def finish(self, console, json_out=None, plot=None) -> None:
         """Print, write the JSON and PNG; raise ProofCheckError (exit 4) when refuted."""
@@ -70,7 +72,7 @@ class AuditReport:
                 "body": self.body, "head": self.head, "stages": self.stages,
                 "empirical_lipschitz": self.empirical, "pair": self.pair, "claim": self.claim,
                 "verdict": self.verdict, "proven_over_empirical": self.gap,
-                "vra": {f"{e:.6g}": v for e, v in self.vra.items()}, "n": self.n}
+                "vra": {f"{e:.6g}": v for e, v in self.vra.items()}, "n": self.n, "semantics": self.semantics}
 
 
 def head_norm(a: Analysis, method: str) -> float:
@@ -110,7 +112,14 @@ def refutes(g: Graph, a: Analysis, x: np.ndarray, xp: np.ndarray, claim: float) 
 
 
 def run_audit(g: Graph, data: Dataset, claim: float | None, eps: list, method: str = "exact",
-              steps: int = 50, model_name: str = "", n_attack: int = 64) -> AuditReport:
+              steps: int = 50, model_name: str = "", n_attack: int = 64, semantics: str = "exact",
+              accumulate: str = "float32") -> AuditReport:
+    """``semantics``: the sound VRA at each eps holds for the model executed in
+    that precision (proofs/float_semantics.md); the verdict on the claim is
+    about the model's exact-arithmetic function."""
+    from certlib.ir.semantics import get as get_semantics
+
+    sem = get_semantics(semantics, accumulate)
     a = analyze(g, method=method)
     head = head_norm(a, method)
     proven = up_mul(float(a.body.value), head)
@@ -129,22 +138,29 @@ def run_audit(g: Graph, data: Dataset, claim: float | None, eps: list, method: s
         else:
             verdict = "not proven"
     vra = {}
-    if eps:
+    if eps and not sem.exact:
+        from certlib.verify_semantics import certify_semantics
+
+        for e in eps:
+            r = certify_semantics(g, data.x, data.y, a, float(e), sem)[0]
+            vra[float(e)] = {"vra": r.vra, "clean": r.clean_accuracy}
+    elif eps:
         logits, err = predict(g, data.x, a.node_bounds)
         for e in eps:
             r = certify(logits, err, data.y, a.K, a.body, float(e))
             vra[float(e)] = {"vra": r.vra, "clean": r.clean_accuracy}
     gap = proven / ratio if ratio > 0 else None
     return AuditReport(model_name, method, proven, float(a.body.value), head, stages, ratio, pair, claim,
-                       verdict, gap, vra, len(data))
+                       verdict, gap, vra, len(data), sem.name)
 
 
 def audit_file(path, data: Dataset, claim, eps: list, method: str = "exact", steps: int = 50,
-               input_shape=None) -> AuditReport:
+               input_shape=None, semantics: str = "exact", accumulate: str = "float32") -> AuditReport:
     from certlib.onnx.importer import load
 
     _, g = load(path, input_shape)
-    return run_audit(g, data, claim, eps, method, steps=steps, model_name=str(path))
+    return run_audit(g, data, claim, eps, method, steps=steps, model_name=str(path), semantics=semantics,
+                     accumulate=accumulate)
 
 
 def print_audit(rep: AuditReport, console) -> None:
@@ -173,7 +189,9 @@ def print_audit(rep: AuditReport, console) -> None:
             console.print(f"  x  = {np.array2string(np.array(p['x'][:8]), precision=4)}...")
             console.print(f"  x' = {np.array2string(np.array(p['x_prime'][:8]), precision=4)}...")
     for e, v in rep.vra.items():
-        console.print(f"sound VRA at eps={e:.6g}: {100 * v['vra']:.1f}% (clean {100 * v['clean']:.1f}%, n={rep.n})")
+        console.print(f"sound VRA at eps={e:.6g}: {100 * v['vra']:.1f}% (clean {100 * v['clean']:.1f}%, n={rep.n}; "
+                      + (f"the model executed in {rep.semantics})" if rep.semantics != "exact"
+                         else "exact-arithmetic semantics)"))
 
 
 def write_audit_plot(rep: AuditReport, path) -> None:

@@ -67,6 +67,39 @@ def _stated(r, K: np.ndarray) -> tuple[list, list, list]:
              for row, orow, pr in zip(m, others, r.pred)])
 
 
+#: the float-semantics term is stated with this factor on certlib's e_ball: the checker's bound is its own
+SEM_CUSHION = 2.0
+
+
+def _semantics_claims(rep, K, certified, margins) -> tuple[list, list, dict, list]:
+    """Under a floating-point semantics: the stated certified flags and radii (<= eps) hold with
+    SEM_CUSHION x certlib's execution-error bound over the ball subtracted from the stated margins; the
+    per-sample stage norms are certlib's upper bounds, raised by 2^-20 relative (proofs/float_semantics.md)."""
+    from certlib.proofs.checker_semantics import claim_text
+
+    sem, det = rep.semantics, rep.semantics_detail
+    eb = np.asarray(det["e_ball"], dtype=np.float64)
+    cert_out, rad_out = [], []
+    for i, (c, row) in enumerate(zip(certified, margins)):
+        p = int(rep.result.pred[i])
+        vals = [(v, K[p, j]) for j, v in enumerate(row) if v is not None and j != p]
+        sub = np.nextafter(SEM_CUSHION * math.sqrt(2.0) * (1 + 2.0 ** -40) * eb[i], np.inf) if np.isfinite(eb[i]) \
+            else math.inf
+        ok = bool(c) and bool(rep.result.certified[i]) and np.isfinite(sub) and p >= 0 and len(vals) == K.shape[0] - 1 and all(
+            v - sub > np.nextafter(rep.eps * k, np.inf) for v, k in vals)
+        rs = [(v - sub) / k if k > 0 else (math.inf if v - sub > 0 else -math.inf) for v, k in vals] if vals else []
+        r = min(rs) if rs and np.isfinite(sub) and p >= 0 and len(vals) == K.shape[0] - 1 else 0.0
+        r = float(np.nextafter(min(r, rep.eps), -np.inf)) if r > 0 else 0.0
+        cert_out.append(ok)
+        rad_out.append(max(r, 0.0))
+    norms = np.asarray(det["norms"], dtype=np.float64)
+    rec = np.nextafter(norms * (1 + 2.0 ** -20) + 2.0 ** -900, np.inf)
+    block = {"name": sem.name, "accumulate": sem.accumulate,
+             "rule": "stage_norms[k] >= ||input of graph stage k at x||_2 (exact); e_ball from them: "
+                     "proofs/float_semantics.md"}
+    return cert_out, rad_out, {"claim": claim_text(sem.name, sem.accumulate), "semantics": block}, rec.tolist()
+
+
 def _attrs(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -220,12 +253,24 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
     for key in ("index", "bound", "method"):
         head.pop(key)
     r = rep.result
-    certified, radius, margins = _stated(r, np.asarray(a.K, dtype=np.float64))
+    sem = getattr(rep, "semantics", None)
+    floating = sem is not None and not sem.exact
+    if floating and any(len(o["nodes"]) != 1 for o in ops):
+        raise UsageError("--proof under a floating-point semantics: folded operators are not covered yet")
+    certified, radius, margins = _stated(rep.semantics_detail["at_x"] if floating else r,
+                                         np.asarray(a.K, dtype=np.float64))
+    extra, norms = {}, None
+    if floating:
+        certified, radius, extra, norms = _semantics_claims(rep, np.asarray(a.K, dtype=np.float64), certified,
+                                                            margins)
     samples = [{"index": i, "label": int(data.y[i]), "pred": int(r.pred[i]), "certified": certified[i],
                 "radius": radius[i], "margins": margins[i]} for i in range(r.n)]
+    if floating:
+        for s, nv in zip(samples, norms):
+            s["stage_norms"] = nv
     n_cert, n_vra = sum(certified), sum(c and bool(k) for c, k in zip(certified, r.correct))
     return {
-        "format": FORMAT, "claim": CLAIM, "certlib_version": __version__,
+        "format": FORMAT, "claim": CLAIM, "certlib_version": __version__, **extra,
         "model": {"path": str(model_path), "sha256": rep.sha256, "input": g.input_name,
                   "input_shape": list(g.input_shape), "output": g.output_name},
         "eps": float(rep.eps),

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from certlib._version import __version__
-from certlib.cli_common import (DeviceOpt, EpsOpt, EstimateOnlyOpt, InputShapeOpt, JsonOpt, LimitOpt,  # noqa: F401
+from certlib.cli_common import (AccumulateOpt, SemanticsOpt, DeviceOpt, EpsOpt, EstimateOnlyOpt, InputShapeOpt, JsonOpt, LimitOpt,  # noqa: F401
                                 MethodOpt, ModelArg, ReportOpt, DataOpt, UsageError, _data, _device, _eps, _method, _progress,
                                 _shape, app, err_console)
 from certlib.errors import CertlibError, ProofCheckError as ProofFailure
@@ -42,13 +42,18 @@ def verify(
     device: DeviceOpt = "auto",
     workers: int = typer.Option(2, help="Image-decoding worker processes for streamed folders (0: decode in "
                                         "the main process)."),
+    semantics: SemanticsOpt = "exact",
+    accumulate: AccumulateOpt = "float32",
 ) -> None:
     """Certify MODEL on a dataset at radius EPS and print the report.
 
     Image folders (imagenet:, imagefolder:, tinyimagenet:) are streamed: decoded batch by batch in --workers
     processes, never held in memory, with a progress bar (images/s, ETA); the TSV is written as batches finish.
     Under torchrun (`torchrun --nproc_per_node N -m certlib verify ...`) each rank certifies every N-th sample
-    and rank 0 writes the one report, TSV and certificate."""
+    and rank 0 writes the one report, TSV and certificate.
+
+    With --semantics float32|bfloat16|float16 the claim is for the model executed in that precision, over the
+    whole ball (in-memory data only)."""
     from certlib import cli_stream
     from certlib.verify import verify_file
 
@@ -58,6 +63,9 @@ def verify(
         raise UsageError("--batch-size must be >= 1")
     dev = _device(device)
     if cli_stream.wants_stream(data):
+        if semantics != "exact":
+            raise UsageError("--semantics float32/bfloat16/float16 runs on in-memory data; a streamed folder "
+                             "(imagenet:, imagefolder:, tinyimagenet:) is certified under exact semantics only")
         cli_stream.run(model, e, m, data, limit, batch_size, input_shape, estimate_only, json_out, tsv, plot, proof,
                        report, dev, workers)
         return
@@ -72,7 +80,8 @@ def verify(
                           estimate_only=estimate_only, progress=prog,
                           # certificates bound input normalisation on its own (as the checker does)
                           # (and, by verify_graph's default, its float64 logits)
-                          fold_inputs=proof is None, device=dev)
+                          fold_inputs=proof is None, device=dev, semantics=semantics,
+                          accumulate=accumulate)
     cli_stream.write_outputs(rep, ds, model, data, input_shape, json_out, tsv, plot, proof, report)
 
 
@@ -176,13 +185,18 @@ def attack(
     input_shape: InputShapeOpt = None,
     json_out: JsonOpt = None,
     device: DeviceOpt = "auto",
+    semantics: SemanticsOpt = "exact",
+    accumulate: AccumulateOpt = "float32",
 ) -> None:
     """Falsify certificates: PGD-l2 inside eps on every certified sample, and an
     empirical (lower) bound on the logits' Lipschitz constant.  A sound
-    certificate has zero violations."""
+    certificate has zero violations.  With --semantics float32|bfloat16|float16 the
+    certificates are issued under that semantics and every PGD iterate is run
+    with the model converted to that precision (torch)."""
     import numpy as np
 
-    from certlib.attack import empirical_lipschitz, pgd_l2
+    from certlib.attack import empirical_lipschitz, pgd_l2, pgd_l2_executed
+    from certlib.ir.semantics import get as get_semantics
     from certlib.onnx.importer import load
     from certlib.verify import verify_graph
 
@@ -192,26 +206,32 @@ def attack(
     ds = _data(data, limit)
     if steps < 1 or restarts < 1:
         raise UsageError("--steps and --restarts must be >= 1")
+    sem = get_semantics(semantics, accumulate)
     with _progress() as p:
         task = p.add_task("importing model")
         _, g = load(model, _shape(input_shape))
-        p.update(task, description="certifying")
-        rep = verify_graph(g, ds, e, m, device=dev)  # the attack itself: float64 on the CPU
+        p.update(task, description=f"certifying ({sem.name} semantics)")
+        rep = verify_graph(g, ds, e, m, device=dev, semantics=sem)  # (the attack itself runs on the CPU)
         r = rep.result
         cert = np.flatnonzero(r.certified)
-        p.update(task, description=f"PGD-l2 on {cert.size} certified samples")
+        run_in = "float64" if sem.exact else f"the model executed in {sem.name}"
+        p.update(task, description=f"PGD-l2 on {cert.size} certified samples ({run_in})")
         flipped = np.zeros(0, dtype=bool)
-        if cert.size:
+        if cert.size and sem.exact:
             flipped, _ = pgd_l2(g, ds.x[cert], r.pred[cert], e, steps=steps, restarts=restarts)
+        elif cert.size:
+            flipped, _ = pgd_l2_executed(g, ds.x[cert], r.pred[cert], e, sem.name, steps=steps, restarts=restarts)
         p.update(task, description="empirical Lipschitz search")
         lower = empirical_lipschitz(g, ds.x[: min(len(ds), 64)], steps=steps)
     upper = float(rep.analysis.body.value) * float(np.linalg.svd(rep.analysis.head_weight, compute_uv=False)[0])
     violations = [int(i) for i in cert[flipped]]
-    out = {"model": str(model), "eps": e, "n": r.n, "certified": int(cert.size), "attacked": int(cert.size),
+    out = {"model": str(model), "eps": e, "semantics": sem.name, "executed_in": run_in, "n": r.n,
+           "certified": int(cert.size), "attacked": int(cert.size),
            "violations": violations, "empirical_lipschitz_lower": lower,
            "certified_lipschitz_upper": upper, "lower_over_upper": lower / upper if upper > 0 else None}
     colour = "green" if not violations else "bold red"
-    err_console.print(f"certified {cert.size}/{r.n} at eps={e:.6g}; PGD-l2 ({restarts}x{steps} steps) found "
+    err_console.print(f"certified {cert.size}/{r.n} at eps={e:.6g} under {sem.name} semantics; PGD-l2 "
+                      f"({restarts}x{steps} steps, {run_in}) found "
                       f"[{colour}]{len(violations)} violation(s)[/]")
     err_console.print(f"empirical Lipschitz lower bound {lower:.6g} / certified upper bound {upper:.6g} "
                       f"= {out['lower_over_upper']:.4f}")
@@ -227,7 +247,8 @@ def audit(model: ModelArg, data: DataOpt = "digits", method: MethodOpt = "exact"
           eps: list[str] = typer.Option([], help="Radius for the sound VRA (repeatable)."),
           steps: int = typer.Option(50, help="Gradient-ascent steps of the empirical search."),
           input_shape: InputShapeOpt = None, json_out: JsonOpt = None,
-          plot: Optional[Path] = typer.Option(None, help="PNG: proven vs empirical vs claim, VRA vs radius.")):
+          plot: Optional[Path] = typer.Option(None, help="PNG: proven vs empirical vs claim, VRA vs radius."),
+          semantics: SemanticsOpt = "exact", accumulate: AccumulateOpt = "float32"):
     """Is MODEL's claimed Lipschitz constant true?  Proven bound (whole, per stage), empirical pair, verdict
     (claim proven / refuted by a pair: exit 4 / not proven, with the gap), sound VRA at each --eps."""
     from certlib.audit import audit_file
@@ -235,7 +256,8 @@ def audit(model: ModelArg, data: DataOpt = "digits", method: MethodOpt = "exact"
     radii, m, ds = [_eps(e) for e in eps], _method(method, False), _data(data, limit)
     with _progress() as p:
         p.add_task("auditing")
-        rep = audit_file(model, ds, claim, radii, m, steps, _shape(input_shape))
+        rep = audit_file(model, ds, claim, radii, m, steps, _shape(input_shape), semantics=semantics,
+                         accumulate=accumulate)
     rep.finish(err_console, json_out, plot)   # raises ProofCheckError (exit 4) when refuted
 
 

@@ -37,6 +37,15 @@ ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write one s
 DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda | auto (cuda when available, else cpu): where the "
                                              "forward passes (float32 fast forward, proofs/fast_forward.md) and "
                                              "the exact method's FFT blocks and Cholesky proofs (float64) run.")]
+SemanticsOpt = Annotated[str, typer.Option(help=(
+    "What the claim is about: exact (default; the model's function in exact real arithmetic) | float32 | "
+    "bfloat16 | float16: the model EXECUTED in that precision (weights, input and activations stored in it; any "
+    "summation order, FMA or not, GEMM/direct convolution, no TF32/Winograd/FFT) predicts the same class at "
+    "every point of the ball; the execution-error bound over the ball is subtracted from each margin "
+    "(proofs/float_semantics.md)."))]
+AccumulateOpt = Annotated[str, typer.Option(help=(
+    "With --semantics bfloat16/float16: float32 (dot products accumulated in float32, as cuBLAS and oneDNN do) "
+    "| storage (the worst case: accumulated in the 16-bit format itself)."))]
 
 
 def _shape(text: Optional[str]):

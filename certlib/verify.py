@@ -36,6 +36,10 @@ class VerifyReport:
     runtime_disagree: list = field(default_factory=list)
     #: {"float32": bool, "recomputed_float64": int} when the fast path ran
     fast: dict = field(default_factory=dict)
+    #: the semantics the claim holds for (certlib.ir.semantics.Semantics; None: exact)
+    semantics: object = None
+    #: under a floating-point semantics: e64, e_ball, norms, at_x (certlib.verify_semantics)
+    semantics_detail: dict = field(default_factory=dict, repr=False)
 
     @property
     def sound(self) -> bool:
@@ -59,10 +63,27 @@ class VerifyReport:
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "fast_forward": self.fast or {"float32": False},
             "certlib_version": __version__,
-            "claim": ("exact-arithmetic robustness of the ONNX model's function; logits computed in float64 "
-                      "with a rigorous rounding slack") if a.sound else
-                     "NOT SOUND: raw power-iteration estimates, for comparison only",
+            **self._semantics_json(),
+            "claim": (self.semantics.describe() if (a.sound and self.semantics is not None) else
+                      "exact-arithmetic robustness of the ONNX model's function; logits computed in float64 "
+                      "with a rigorous rounding slack" if a.sound else
+                      "NOT SOUND: raw power-iteration estimates, for comparison only"),
         }
+
+    def _semantics_json(self) -> dict:
+        sem = self.semantics
+        if sem is None:
+            return {"semantics": "exact"}
+        out = {"semantics": sem.name}
+        if not sem.exact:
+            eb = self.semantics_detail.get("e_ball")
+            fin = eb[np.isfinite(eb)] if eb is not None else np.zeros(0)
+            out["semantics_detail"] = {
+                "accumulate": sem.accumulate, "unit_roundoff": sem.u, "accumulation_roundoff": sem.u_acc,
+                "max_finite": sem.maxval, "overflow_samples": int(np.sum(~np.isfinite(eb))) if eb is not None else 0,
+                "e_ball_max": float(fin.max()) if fin.size else None,
+                "e_ball_median": float(np.median(fin)) if fin.size else None}
+        return out
 
 
 def file_sha256(path: str | Path) -> str:
@@ -135,14 +156,25 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
 def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
                  model_name: str = "", sha256: str = "", batch_size: int = 256,
                  estimate_only: bool = False, progress=None, fold_inputs: bool = True,
-                 device: str = "auto", fast: bool | None = None) -> VerifyReport:
-    """Certify ``data`` at radius ``eps``.  ``fast`` (default: unless
+                 device: str = "auto", fast: bool | None = None, semantics="exact",
+                 accumulate: str = "float32") -> VerifyReport:
+    """Certify ``data`` at radius ``eps``.  ``semantics`` (exact | float32 |
+    bfloat16 | float16, or a Semantics): what the claim is about; a
+    floating-point semantics certifies the model executed in that precision
+    over the whole ball (proofs/float_semantics.md; ``accumulate``: float32 or
+    storage, the dot products' accumulation for the 16-bit formats).  ``fast`` (default: unless
     ``fold_inputs`` is off, i.e. when no certificate is written) computes the
     logits in float32 with an a priori bound and the float64 path only where the
     decision needs it (proofs/fast_forward.md); a certificate states float64
     margins, the independent checker's arithmetic."""
+    from certlib.ir.semantics import Semantics, get as get_semantics
+
+    sem = semantics if isinstance(semantics, Semantics) else get_semantics(semantics, accumulate)
+    if not sem.exact and estimate_only:
+        from certlib.errors import UsageError
+        raise UsageError("--semantics other than exact needs sound certification (not --estimate-only)")
     if fast is None:
-        fast = fold_inputs
+        fast = fold_inputs and sem.exact
     if tuple(data.x.shape[1:]) != tuple(g.input_shape):
         from certlib.errors import UsageError
         raise UsageError(f"data samples have shape {tuple(data.x.shape[1:])} but the model expects "
@@ -159,6 +191,19 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
                     progress=(lambda name: progress("bounds", name)) if progress else None, fold_inputs=fold_inputs)
     seconds["bounds"] = time.perf_counter() - t
     fwd_progress = (lambda k: progress("forward", k)) if progress else None
+    if not sem.exact:
+        from certlib.verify_semantics import certify_semantics
+
+        t = time.perf_counter()
+        res, detail = certify_semantics(g, data.x, data.y, a, eps, sem, batch_size, fwd_progress)
+        seconds["forward"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rep = VerifyReport(model_name, sha256, eps, data.name, data.sha256(), a, res)
+        rep.semantics, rep.semantics_detail = sem, detail
+        rep.runtime_disagree = _runtime_veto(g, data.x, res)
+        seconds["certify"] = time.perf_counter() - t
+        rep.seconds = seconds
+        return rep
     out = certify_arrays(g, a, data.x, data.y, eps, batch_size=batch_size, estimate_only=estimate_only,
                          fwd_progress=fwd_progress, device=device, fast=fast)
     seconds.update(out.seconds)
@@ -266,7 +311,8 @@ def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:
 
 def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exact", *,
                 input_shape=None, batch_size: int = 256, estimate_only: bool = False,
-                progress=None, fold_inputs: bool = True, device: str = "auto", fast: bool | None = None) -> VerifyReport:
+                progress=None, fold_inputs: bool = True, device: str = "auto", fast: bool | None = None,
+                semantics="exact", accumulate: str = "float32") -> VerifyReport:
     """Import and certify an ONNX file.  ``fold_inputs=False`` bounds input
     normalisation on its own, as certificates (``--proof``) require."""
     from certlib.onnx.importer import load
@@ -276,7 +322,8 @@ def verify_file(path: str | Path, data: Dataset, eps: float, method: str = "exac
     t_import = time.perf_counter() - t
     rep = verify_graph(g, data, eps, method, model_name=str(path), sha256=file_sha256(path),
                        batch_size=batch_size, estimate_only=estimate_only, progress=progress,
-                       fold_inputs=fold_inputs, device=device, fast=fast)
+                       fold_inputs=fold_inputs, device=device, fast=fast, semantics=semantics,
+                       accumulate=accumulate)
     rep.seconds = {"import": t_import, **rep.seconds}
     return rep
 

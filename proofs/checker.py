@@ -32,10 +32,12 @@ from onnx import numpy_helper
 try:                                                              # as certlib.proofs.checker
     from .checker_norms import (ETA, F64, SQRT2, U, CheckFailed, fail, gam, gram_ok, infl, norm_up, pmap,
                                 prove, up, down, vup)
+    from . import checker_semantics as fsem
 except ImportError:                                               # standalone: python proofs/checker.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from checker_norms import (ETA, F64, SQRT2, U, CheckFailed, fail, gam, gram_ok, infl, norm_up, pmap,
                                prove, up, down, vup)
+    import checker_semantics as fsem
 
 __all__ = ["CheckFailed", "check", "walk", "build", "forward", "gram_ok", "norm_up", "up", "down", "vup", "U",
            "ETA", "FORMAT", "TEXTS", "SUPPORTED_OPS"]
@@ -333,7 +335,12 @@ def sample_shape(model, cert, x) -> tuple:
 
 
 def _check(model_bytes, cert, x, y):
+    sem = cert.get("semantics")                                   # absent: exact semantics
+    if sem is not None:
+        fsem.params(sem if isinstance(sem, dict) else {})
     for path, text in TEXTS.items():
+        if path == ("claim",) and sem is not None:
+            text = fsem.claim_text(sem["name"], sem["accumulate"])
         v = cert
         for key in path:
             v = v.get(key) if isinstance(v, dict) else None
@@ -429,6 +436,17 @@ def check_samples(model_bytes, cert, items, Kc, x, y) -> dict:
     lo = np.nextafter(np.nextafter(d - 2 * U * np.abs(d), -np.inf) - sq2e, -np.inf)
     hi, others = vup(vup(d + 2 * U * np.abs(d)) + sq2e), np.arange(C)[None, :] != p[:, None]
     lo, hi = np.where(fin[:, None], lo, -np.inf), np.where(fin[:, None], hi, np.inf)
+    lo_x, sem = lo, cert.get("semantics")
+    if sem is not None:                                           # the executed model over the whole ball
+        rec = np.array([[number(v, f"sample {s['index']}", "stage norm") for v in s.get("stage_norms") or []]
+                        for s in S], dtype=F64).reshape(N, -1)
+        if rec.shape[1] != len(items):
+            fail("samples", f"stage_norms must list one norm per graph stage ({len(items)})")
+        fsem.check_norms(rec, fsem.stage_norms_at_x(items, np.asarray(x, F64), apply))
+        eb = fsem.ball_errors([sts[0] for sts, _ in items], [L for _, L in items], x, rec, eps, sem)
+        lo = np.nextafter(lo - vup(SQRT2 * eb)[:, None], -np.inf)
+        if np.any((rad > eps) & (rad > 0)):
+            fail(f"sample {int(np.nonzero(rad > eps)[0][0])}", "radius exceeds eps under a floating-point semantics")
 
     def first(bad, why):
         if np.any(bad):
@@ -441,7 +459,7 @@ def check_samples(model_bytes, cert, items, Kc, x, y) -> dict:
           "claimed radius exceeds the radius this checker derives (some margin lower bound < radius K)")
     first(np.any(~others & ~np.isnan(M), axis=1) | ((pred < 0) & np.any(~np.isnan(M), axis=1)),
           "a margin is stated at j = pred or without a prediction")
-    first(np.any(others & (M > lo), axis=1), "a claimed margin exceeds this checker's lower bound")
+    first(np.any(others & (M > lo_x), axis=1), "a claimed margin exceeds this checker's lower bound")
     summ, correct = cert["summary"], pred == y
     want = {"n": N, "certified": int(claim.sum()), "clean_accuracy": float(correct.sum()) / N if N else 0.0,
             "vra": float((claim & correct).sum()) / N if N else 0.0}

@@ -52,7 +52,12 @@ def print_report(rep: VerifyReport, console: Console | None = None, show_layers:
         t.add_row("VRA from estimates", f"[bold red]{100 * (rep.estimated_vra or 0):.2f}% (NOT SOUND)[/]")
     t.add_row("seconds", ", ".join(f"{k} {v:.2f}" for k, v in rep.seconds.items()))
     console.print(t)
-    if a.sound:
+    sem = getattr(rep, "semantics", None)
+    if a.sound and sem is not None and not sem.exact:
+        console.print(f"[bold]Claim ({sem.name} semantics)[/]: for each certified sample, every input within l2 "
+                      f"distance eps gets the same prediction from the model EXECUTED IN {sem.name.upper()}: "
+                      f"{sem.describe()} (proofs/float_semantics.md).")
+    elif a.sound:
         console.print("[dim]Claim: for each certified sample, every input within l2 distance eps gets the same "
                       "prediction from the model's function in exact arithmetic (see proofs/).[/]")
 

@@ -132,11 +132,15 @@ def html_report(rep, labels: np.ndarray, attack: dict | None = None, title: str 
     n_cert = int((r.certified & r.correct).sum())
     name = rep.model.rsplit("/", 1)[-1] if rep.model else "model"
     title = title or f"certlib report: {name}"
+    sem = getattr(rep, "semantics", None)
     if a.sound:
         claim = (f'<p class="claim" id="claim">For <b>{n_cert}</b> of the <b>{r.n}</b> samples of <b>{_e(rep.data)}</b> '
                  f'(verified robust accuracy <b>{100 * r.vra:.2f}%</b>), certlib <b>proved</b> that every input within '
                  f'l2 distance <b>{_fmt(rep.eps, 9)}</b> of the sample receives the same, correct prediction from '
-                 f'the model\'s function in exact real arithmetic. The proof uses only proven upper bounds on each '
+                 + (f'the model <b>executed in {_e(sem.name)}</b> ({_e(sem.describe())}; the bound on the execution '
+                    f'error over the whole ball is subtracted from every margin, proofs/float_semantics.md)'
+                    if sem is not None and not sem.exact else 'the model\'s function in exact real arithmetic')
+                 + f'. The proof uses only proven upper bounds on each '
                  f'stage\'s Lipschitz constant (body bound {_fmt(a.body.value, 9)}, method {_e(a.method)}); the '
                  f'logits were computed in float64 with a rigorous rounding bound subtracted from every margin.</p>')
     else:
