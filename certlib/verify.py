@@ -242,8 +242,7 @@ def certify_arrays(g: Graph, a: Analysis, x: np.ndarray, y: np.ndarray, eps: flo
     fast_out = None
     info: dict = {}
     if fast and not estimate_only:
-        fast_out = predict_fast(g, x, a.node_bounds, batch_size, fwd_progress, resolve_device(device),
-                                cache=cache, info=info)
+        fast_out = _fast_with_probe(g, a, x, eps, batch_size, fwd_progress, resolve_device(device), cache, info)
     if fast_out is None:
         logits, err = predict(g, x, a.node_bounds, batch_size, fwd_progress)
     seconds["forward"] = time.perf_counter() - t
@@ -277,6 +276,7 @@ def certify_arrays(g: Graph, a: Analysis, x: np.ndarray, y: np.ndarray, eps: flo
         out.result, logits, err, redo = certify_fast(*fast_out, y, a.K, a.body, eps, tier64,
                                                      other=2.0 if info.get("mixed") else 1.0)
         out.fast = {"float32": True, "recomputed_float64": int(len(redo)),
+                    "float32_skipped": int(info.get("skipped", 0)),
                     "float64_path": int(counts.get("float64_path", 0))}
     elif estimate_only:
         out.estimated_vra = estimate_vra(logits, y, a.K, eps)
@@ -288,6 +288,34 @@ def certify_arrays(g: Graph, a: Analysis, x: np.ndarray, y: np.ndarray, eps: flo
     seconds["certify"] = time.perf_counter() - t
     out.seconds = seconds
     return out
+
+
+#: the float32 forward is first run on this many samples; when it settles
+#: fewer than PROBE_SETTLED of them, the rest go straight to the float64 tier
+#: (a model whose logit gaps are small against its float32 bound would pay for
+#: both).  Speed only: the float64 tier decides every sample it is given.
+PROBE, PROBE_SETTLED = 16, 0.25
+
+
+def _fast_with_probe(g, a, x, eps, batch_size, fwd_progress, device, cache, info):
+    from certlib.fast_certify import settled
+
+    if len(x) < 4 * PROBE:
+        return predict_fast(g, x, a.node_bounds, batch_size, fwd_progress, device, cache=cache, info=info)
+    head = predict_fast(g, x[:PROBE], a.node_bounds, batch_size, None, device, cache=cache, info=info)
+    if head is None:
+        return None
+    ok, _ = settled(*head, a.K, eps, 2.0 if info.get("mixed") else 1.0)
+    if ok.mean() < PROBE_SETTLED:
+        info["skipped"] = len(x) - PROBE
+        f = np.concatenate([head[0], np.zeros((len(x) - PROBE, head[0].shape[1]))])
+        e = np.concatenate([head[1], np.full(len(x) - PROBE, np.inf)])   # never settled: the float64 tier
+        if fwd_progress is not None:
+            fwd_progress(len(x))
+        return f, e
+    rest = predict_fast(g, x[PROBE:], a.node_bounds, batch_size,
+                        (lambda k: fwd_progress(PROBE + k)) if fwd_progress else None, device, cache=cache)
+    return np.concatenate([head[0], rest[0]]), np.concatenate([head[1], rest[1]])
 
 
 def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:

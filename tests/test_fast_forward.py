@@ -271,3 +271,19 @@ def test_mixed_precision_plan_keeps_the_expensive_nodes_float32():
     f32, e32 = predict_fast(g, x, a.node_bounds)
     f64, e64 = predict(g, x, a.node_bounds)
     assert np.all(np.linalg.norm(f32 - f64, axis=1) <= e32 + e64)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_probe_skips_float32_when_it_settles_too_little(digits, threshold, monkeypatch):
+    """When the first PROBE samples' float32 logits settle too few decisions,
+    the rest go straight to the float64 tier; decisions equal the float64
+    path's either way."""
+    import certlib.verify as v
+
+    monkeypatch.setattr(v, "PROBE_SETTLED", threshold)
+    g = _graph("digits", 1, bias_scale=3.0, width=16, depth=2)
+    f, s = _same(g, digits, 0.01)
+    skipped = f.fast["float32_skipped"]
+    assert skipped == (len(digits) - v.PROBE if threshold > 1 else 0)
+    if threshold > 1:
+        assert f.fast["recomputed_float64"] >= skipped
