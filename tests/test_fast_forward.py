@@ -313,3 +313,23 @@ def test_an_overflow_hidden_by_a_later_relu_voids_the_bound():
     exact = _exact_dense(W2, np.maximum(_exact_dense(W1, np.ones((1, 5))), 0))
     assert np.linalg.norm(f - exact) > 1e37
     assert np.isinf(e[0])
+
+
+def test_runtime_veto_covers_every_sample_with_a_positive_radius(monkeypatch):
+    """A sample not certified at eps still claims its radius (the certified
+    accuracy curve counts it at every r below it): when onnxruntime's argmax
+    disagrees, the veto must zero that radius too, not only certified ones."""
+    from certlib.bounds import Bound
+    from certlib.certify import certify
+    from certlib.onnx import importer
+    from certlib.verify import _runtime_veto
+
+    f = np.array([[1.0, 0.0], [1.0, 0.9], [0.0, 1.0]])
+    K = np.full((2, 2), 1.0)
+    np.fill_diagonal(K, 0.0)
+    res = certify(f, np.zeros(3), np.array([0, 0, 1]), K, Bound.one(), 0.5)
+    assert list(res.certified) == [True, False, True] and res.radius[1] > 0
+    monkeypatch.setattr(importer, "runtime_argmax", lambda g, x: np.ones(len(x), dtype=np.int64))
+    g = dataclasses.replace(_graph("digits", 0, width=16, depth=2), runtime_model=b"x")
+    bad = _runtime_veto(g, np.zeros((3, 1)), res)
+    assert 1 in bad and res.radius[1] == 0.0
