@@ -496,7 +496,7 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
             if h.dtype != dt:
                 if dt == torch.float32:
                     # float64 -> float32: |fl32(v) - v| <= u|v| + t per entry
-                    err = err + hn * U32 + math.sqrt(h[0].numel()) * TINY32
+                    err = (err + hn * U32 + math.sqrt(h[0].numel()) * TINY32) * (1 + 4 * U64)
                 h = h.to(dt)
                 hn = _norm_up(h)
                 err = _void(err, hn)
