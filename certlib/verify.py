@@ -319,13 +319,14 @@ def _fast_with_probe(g, a, x, eps, batch_size, fwd_progress, device, cache, info
 
 
 def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:
-    """Certified samples whose onnxruntime argmax differs from certlib's
-    prediction: uncertified (radius 0) and returned for the report.  Only the
-    certified samples are run: the veto protects claims, and an uncertified
-    sample makes none (proofs/margin_slack.md)."""
+    """Samples making a claim (certified, or a positive radius below eps, which
+    the certified-accuracy curve counts at every smaller radius) whose
+    onnxruntime argmax differs from certlib's prediction: uncertified (radius
+    0) and returned for the report.  Only those samples are run: a sample with
+    radius 0 claims nothing (proofs/margin_slack.md)."""
     from certlib.onnx.importer import runtime_argmax
 
-    idx = np.flatnonzero(res.certified)
+    idx = np.flatnonzero(res.certified | (res.radius > 0))
     if not g.runtime_model or not len(idx):
         return []
     rt = runtime_argmax(g, x[idx])

@@ -287,3 +287,65 @@ def test_probe_skips_float32_when_it_settles_too_little(digits, threshold, monke
     assert skipped == (len(digits) - v.PROBE if threshold > 1 else 0)
     if threshold > 1:
         assert f.fast["recomputed_float64"] >= skipped
+
+
+def _exact_dense(W, x):
+    from fractions import Fraction
+    return np.array([[float(sum(Fraction(float(w)) * Fraction(float(v)) for w, v in zip(row, xs))) for row in W]
+                     for xs in x])
+
+
+def test_weights_below_the_float32_normal_range_are_charged():
+    """fl32(w) of a weight below 2^-126 is off absolutely (1e-50 becomes 0),
+    not by v|w|: with large activations the a priori bound must still cover
+    the float32 result (it did not: 5.7e-20 against a bound of 1.7e-26)."""
+    from certlib.ir.graph import AffineNode, LinearNode
+    x = np.full((1, 4), 1e30)
+    h = torch.as_tensor(x, dtype=torch.float32)
+    for wv in (1e-50, 1.0000001e-40, 3e-39):
+        W = np.full((2, 4), wv)
+        W[1] *= -1
+        node = LinearNode("d", "Gemm", (4,), (2,), Dense(W), None)
+        y, rnd = fast._apply(node, fast._prep_node(node, "cpu"), h, None, fast._norm_up(h))
+        d = np.linalg.norm(y.double().numpy() - _exact_dense(W, h.double().numpy()))
+        assert d <= float(rnd[0])
+    aff = AffineNode("s", "Mul", (4,), (4,), np.full(4, 1e-50), np.zeros(4))
+    y, rnd = fast._apply(aff, fast._prep_node(aff, "cpu"), h, None, fast._norm_up(h))
+    assert np.linalg.norm(y.double().numpy() - 1e-50 * h.double().numpy()) <= float(rnd[0])
+
+
+def test_an_overflow_hidden_by_a_later_relu_voids_the_bound():
+    """-inf from a float32 overflow inside a dot product (2e38 + 2e38) turned
+    into 0 by a ReLU left a finite bound (4.7e32) on a logit off by 1e38."""
+    from certlib.ir.graph import Graph, LinearNode
+    W1 = np.array([[-2e38, -2e38, 2e38, 2e38, 1e38], [1, 0, 0, 0, 0], [0, 1, 0, 0, 0]])
+    W2 = np.array([[1.0, 0, 0], [0, 1, 1]])
+    g = Graph("x", (5,), "y", [LinearNode("a", "Gemm", (5,), (3,), Dense(W1), None),
+                               ActivationNode("r", "Relu", (3,), (3,)),
+                               LinearNode("b", "Gemm", (3,), (2,), Dense(W2), None)], 2)
+    fg = fast.prepare(g)
+    assert fg.dtypes == [torch.float32] * 3
+    f, e = fast.forward32(fg, np.ones((1, 5)), [np.linalg.norm(W1, 2) * 1.01, 1.0, np.linalg.norm(W2, 2) * 1.01])
+    exact = _exact_dense(W2, np.maximum(_exact_dense(W1, np.ones((1, 5))), 0))
+    assert np.linalg.norm(f - exact) > 1e37
+    assert np.isinf(e[0])
+
+
+def test_runtime_veto_covers_every_sample_with_a_positive_radius(monkeypatch):
+    """A sample not certified at eps still claims its radius (the certified
+    accuracy curve counts it at every r below it): when onnxruntime's argmax
+    disagrees, the veto must zero that radius too, not only certified ones."""
+    from certlib.bounds import Bound
+    from certlib.certify import certify
+    from certlib.onnx import importer
+    from certlib.verify import _runtime_veto
+
+    f = np.array([[1.0, 0.0], [1.0, 0.9], [0.0, 1.0]])
+    K = np.full((2, 2), 1.0)
+    np.fill_diagonal(K, 0.0)
+    res = certify(f, np.zeros(3), np.array([0, 0, 1]), K, Bound.one(), 0.5)
+    assert list(res.certified) == [True, False, True] and res.radius[1] > 0
+    monkeypatch.setattr(importer, "runtime_argmax", lambda g, x: np.ones(len(x), dtype=np.int64))
+    g = dataclasses.replace(_graph("digits", 0, width=16, depth=2), runtime_model=b"x")
+    bad = _runtime_veto(g, np.zeros((3, 1)), res)
+    assert 1 in bad and res.radius[1] == 0.0

@@ -110,6 +110,25 @@ class _Lin:
     #: sum of the partials): the dot product bound is gamma_{n/J + J}, not
     #: gamma_n (proofs/fast_forward.md, "Chunked sums")
     chunks: int = 1
+    #: stored weights below float32's normal range (|w| < 2^-126, not 0):
+    #: fl32(w) is off by up to 2^-150 absolutely (2^-126 flushed), not v|w|;
+    #: 2^-126 || |mask| ||_2 per unit of input norm
+    sub: float = 0.0
+
+
+#: the smallest normal float32
+NORMAL32 = 2.0 ** -126
+
+
+def _subnormal_charge(w: np.ndarray, conv: bool, groups: int = 1) -> float:
+    """Per unit of input norm, a bound on || |W - fl32(W)| |x| || / ||x|| beyond
+    v|W|: the entries of W below the float32 normal range convert with an
+    absolute error up to 2^-150 (up to 2^-126 when flushed to zero)."""
+    a = np.abs(np.asarray(w, dtype=np.float64))
+    mask = ((a > 0) & (a < NORMAL32)).astype(np.float64)
+    if not mask.any():
+        return 0.0
+    return up(abs_norm_bound(mask, conv, groups) * NORMAL32 * (1 + 4 * U64))
 
 
 def _broadcast_norm(err, entries: int) -> float:
@@ -211,8 +230,10 @@ def _prep_node(node, device, dtype=torch.float32):
             c_out, c_in = wt.shape[:2]
             wt = np.ascontiguousarray(wt.reshape(c_out, J, c_in // J, *wt.shape[2:]).swapaxes(0, 1)
                                       .reshape(J * c_out, c_in // J, *wt.shape[2:]))
+        sub = _subnormal_charge(w, not isinstance(op, Dense), getattr(op, 'groups', 1)) \
+            if dtype == torch.float32 else 0.0
         return _Lin(torch.as_tensor(wt, device=device), b, A, B, coef, out_entries, n + J - 1,
-                    const_rel, const_abs, split=split, u=u, chunks=J)
+                    const_rel, const_abs, split=split, u=u, chunks=J, sub=sub)
     if isinstance(node, AffineNode):
         scale = np.asarray(node.scale, dtype=np.float64)
         shift = np.asarray(node.shift, dtype=np.float64)
@@ -228,7 +249,10 @@ def _prep_node(node, device, dtype=torch.float32):
                 up(float(np.max(np.abs(scale))) * (1 + c) * (1 + 4 * U64)) if scale.size else 1.0,
                 up(t_norm * (1 + gamma(entries + 2))), k, entries,
                 # the stored shift against the exact one (BN's beta - mean s under cancellation)
-                _broadcast_norm(node.shift_abs_err, entries))
+                _broadcast_norm(node.shift_abs_err, entries),
+                # a scale below float32's normal range converts with an absolute error <= 2^-126
+                NORMAL32 if dtype == torch.float32 and np.any((np.abs(scale) > 0) & (np.abs(scale) < NORMAL32))
+                else 0.0)
     if isinstance(node, ActivationNode):
         if node.activation in EXACT_ACTIVATIONS:
             p = node.params
@@ -362,6 +386,12 @@ def _norm_up(h: torch.Tensor) -> torch.Tensor:
     return (s.sqrt() * (1 + 2 * gamma(n + 2)) + math.sqrt(n * (n + 2)) * 2.0 ** -537).cpu()
 
 
+def _void(err: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
+    """inf where the computed value's norm is not finite: an overflow hidden
+    later (ReLU(-inf) = 0, a max/min merge, a clip) must not keep a finite bound."""
+    return torch.where(torch.isfinite(hn), err, torch.full_like(err, math.inf))
+
+
 def _linear32(node: LinearNode, p: _Lin, h: torch.Tensor) -> torch.Tensor:
     op = node.op
     if isinstance(op, Dense):
@@ -395,13 +425,15 @@ def _apply(node, p, h: torch.Tensor, bound, hn: torch.Tensor):
             # y = fl(x + c), c = fl(K'x + b): |y - (x + c)| <= u/(1-u) (|y| + t) + t
             y = y + h
             rnd = (rnd + _norm_up(y) * (p.u / (1 - p.u)) + math.sqrt(p.out_entries) * 3 * TINY32) * (1 + 4 * U64)
-        if p.const_rel or p.const_abs:
-            rnd = (rnd + hn * p.const_rel + p.const_abs) * (1 + 4 * U64)
+        if p.const_rel or p.const_abs or p.sub:
+            rnd = (rnd + hn * (p.const_rel + p.sub) + p.const_abs) * (1 + 4 * U64)
         return y, rnd
     if isinstance(node, AffineNode):
-        _, s, t, smax, tn, k, entries, shift_err = p
+        _, s, t, smax, tn, k, entries, shift_err, sub = p
         y = h * s + t
         rnd = (hn * smax + tn) * k + math.sqrt(entries) * 2 * TINY32
+        if sub:
+            rnd = (rnd + hn * sub) * (1 + 4 * U64)
         return y, (rnd + shift_err) * (1 + 4 * U64) if shift_err else rnd
     if isinstance(node, (ReshapeNode, IndexNode)):
         return node.apply(h, False)[0], torch.zeros_like(hn)
@@ -429,7 +461,7 @@ def _parallel(node: ParallelNode, inner_p, h, bound, hn, u):
             y, r = _apply(m, inner_p[k][j], y, inner[k][j], yn)
             yn = _norm_up(y)
             L = float(inner[k][j]) if j > 0 else 1.0
-            e = (e * L + r) * (1 + 4 * U64) if j > 0 else r
+            e = _void((e * L + r) * (1 + 4 * U64) if j > 0 else r, yn)
         outs.append(y)
         errs.append(e)
     if node.merge == "add":
@@ -459,16 +491,18 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
         x64 = torch.as_tensor(np.asarray(x, dtype=np.float64))
         err = _norm_up(h.cpu().double() - x64) * (1 + 2 * U64)  # + the subtraction's rounding
         hn = _norm_up(h)
+        err = _void(err, hn)
         for node, p, nb, dt in zip(fg.graph.nodes, fg.prepared, node_bounds, fg.dtypes or [fg.dtype] * len(fg.prepared)):
             if h.dtype != dt:
                 if dt == torch.float32:
                     # float64 -> float32: |fl32(v) - v| <= u|v| + t per entry
-                    err = err + hn * U32 + math.sqrt(h[0].numel()) * TINY32
+                    err = (err + hn * U32 + math.sqrt(h[0].numel()) * TINY32) * (1 + 4 * U64)
                 h = h.to(dt)
                 hn = _norm_up(h)
+                err = _void(err, hn)
             h, rnd = _apply(node, p, h, nb, hn)
             hn = _norm_up(h)
-            err = (err * float(nb) + rnd) * (1 + 4 * U64)
+            err = _void((err * float(nb) + rnd) * (1 + 4 * U64), hn)
         out = h.double().cpu().numpy()
     err = err.numpy()
     err = np.where(np.isfinite(err) & np.all(np.isfinite(out), axis=1), err, np.inf)
