@@ -33,7 +33,8 @@ from certlib.verifiers.operators import Dense
 
 U32 = 2.0 ** -24        # unit roundoff of IEEE binary32, round to nearest
 #: absolute error of one float32 operation in the subnormal range, also with
-#: flush-to-zero / denormals-are-zero (a result below 2^-126 replaced by 0)
+#: flush-to-zero (a result below 2^-126 replaced by 0); denormals-are-zero
+#: (subnormal inputs read as 0) is turned off by ieee_float32
 TINY32 = 2.0 ** -125
 
 #: activations exact in float32 as in float64 (they return, move, compare or
@@ -365,6 +366,7 @@ def ieee_float32():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
+    torch.set_flush_denormal(False)   # no denormals-are-zero on the CPU (the error model's t covers FTZ only)
     try:
         with torch.backends.nnpack.flags(enabled=False), \
                 torch.backends.cudnn.flags(enabled=False, benchmark=False, deterministic=True, allow_tf32=False):
