@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from certlib.errors import UnsupportedModelError
 from certlib.ir.evaluate import ACTIVATIONS
 from certlib.ir.fast import ieee_float32
-from certlib.ir.graph import ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ReshapeNode
+from certlib.ir.graph import ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ReshapeNode, apply_conv
 from certlib.verifiers.operators import Dense
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,17 +32,7 @@ def _linear(node: LinearNode, h, dtype):
     if isinstance(op, Dense):
         y = h @ _c(op.weight, dtype).T
         return y if b is None else y + b
-    k = _c(op.kernel, dtype)
-    pt, pl, pb, pr = op.padding
-    if node.transposed:
-        y = F.conv_transpose2d(h, k, None, stride=op.stride, dilation=op.dilation, groups=op.groups)
-        _, OH, OW = op.input_shape
-        y = F.pad(y, (0, max(0, pl + OW - y.shape[3]), 0, max(0, pt + OH - y.shape[2])))
-        y = y[:, :, pt:pt + OH, pl:pl + OW]
-        return y if b is None else y + b.reshape(1, -1, 1, 1)
-    if any(op.padding):
-        h = F.pad(h, (pl, pr, pt, pb))
-    return F.conv2d(h, k, b, stride=op.stride, dilation=op.dilation, groups=op.groups)
+    return apply_conv(op, node.transposed, h, _c(op.kernel, dtype), b)
 
 
 def execute(g: Graph, x, precision: str) -> np.ndarray:

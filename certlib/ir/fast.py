@@ -23,15 +23,16 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from certlib.bounds import up
 from certlib.ir.evaluate import ACTIVATIONS
-from certlib.ir.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelNode,
+from certlib.ir.graph import (U64, ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelNode, apply_conv,
                               ReshapeNode, gamma)
 from certlib.verifiers.operators import Dense
+from certlib.ir.fast_rules import (CHEAP_SHARE, CHUNK_MIN_TERMS, CHUNKS, NORMAL32, U32,  # noqa: F401 (re-exported)
+                                   _broadcast_norm, _cheap_nodes, _chunks, _macs, _subnormal_charge, abs_norm_bound,
+                                   gamma32, identity_rest)
 
-U32 = 2.0 ** -24        # unit roundoff of IEEE binary32, round to nearest
 #: absolute error of one float32 operation in the subnormal range, also with
 #: flush-to-zero (a result below 2^-126 replaced by 0); denormals-are-zero
 #: (subnormal inputs read as 0) is turned off by ieee_float32
@@ -56,38 +57,6 @@ KNOWN_FIELDS = {
     ActivationNode: {"name", "onnx_op", "in_shape", "out_shape", "activation", "lipschitz", "params"},
     ParallelNode: {"name", "onnx_op", "in_shape", "out_shape", "branches", "merge", "signs", "axis"},
 }
-
-
-def gamma32(n: int, u: float = U32) -> float:
-    """gamma_n = n u / (1 - n u) for unit roundoff u (default float32's),
-    rounded up generously."""
-    nu = n * u
-    if nu >= 0.25:
-        raise ValueError("dot product too long for the float32 error model")
-    return up((nu / (1.0 - nu)) * (1.0 + 8 * U64))
-
-
-def abs_norm_bound(w: np.ndarray, conv: bool, groups: int = 1) -> float:
-    """A proven upper bound on || |W| ||_2 for the operator with entries |W|:
-    min(sqrt(max row sum * max column sum), sqrt(taps) ||W||_F)  (Schur's test;
-    proofs/fast_forward.md).  For a conv kernel (c_out, c_in/g, kh, kw) a row
-    (one output entry) holds at most the taps of one output channel, and a
-    column (one input entry) meets each output channel of its group through
-    each tap at most once, whatever the padding, stride or dilation; the
-    adjoint (ConvTranspose) swaps rows and columns, which the product ignores."""
-    a = np.abs(np.asarray(w, dtype=np.float64))
-    if conv:
-        c_out, cg = a.shape[:2]
-        rows = a.reshape(c_out, -1).sum(axis=1).max()
-        per_oc = a.sum(axis=(2, 3)).reshape(groups, c_out // groups, cg)
-        cols = per_oc.sum(axis=1).max()
-        taps = a.shape[2] * a.shape[3]
-    else:
-        rows, cols, taps = a.sum(axis=1).max(), a.sum(axis=0).max(), 1
-    fac = 1.0 + gamma(a.size + 4)
-    schur = up(math.sqrt(up(float(rows) * fac * float(cols) * fac)) * (1 + 4 * U64))
-    fro = up(float(np.linalg.norm(a.ravel())) * fac * math.sqrt(taps) * (1 + 4 * U64))
-    return min(schur, fro)
 
 
 @dataclasses.dataclass
@@ -118,30 +87,6 @@ class _Lin:
 
 
 #: the smallest normal float32
-NORMAL32 = 2.0 ** -126
-
-
-def _subnormal_charge(w: np.ndarray, conv: bool, groups: int = 1) -> float:
-    """Per unit of input norm, a bound on || |W - fl32(W)| |x| || / ||x|| beyond
-    v|W|: the entries of W below the float32 normal range convert with an
-    absolute error up to 2^-150 (up to 2^-126 when flushed to zero)."""
-    a = np.abs(np.asarray(w, dtype=np.float64))
-    mask = ((a > 0) & (a < NORMAL32)).astype(np.float64)
-    if not mask.any():
-        return 0.0
-    return up(abs_norm_bound(mask, conv, groups) * NORMAL32 * (1 + 4 * U64))
-
-
-def _broadcast_norm(err, entries: int) -> float:
-    """Upper bound on the l2 norm of an elementwise error bound broadcast over
-    ``entries`` output entries (channel-wise or scalar): ||e|| sqrt(entries / size)."""
-    e = np.abs(np.asarray(err, dtype=np.float64))
-    if not np.any(e):
-        return 0.0
-    per = entries / e.size
-    return up(float(np.linalg.norm(e.ravel())) * (1 + gamma(e.size + 2)) * math.sqrt(per) * (1 + 4 * U64))
-
-
 def _check_fields(node) -> bool:
     known = KNOWN_FIELDS.get(type(node))
     return known is not None and {f.name for f in dataclasses.fields(node)} == known
@@ -150,46 +95,6 @@ def _check_fields(node) -> bool:
 def _f32_exact(v) -> bool:
     a = np.asarray(v, dtype=np.float64)
     return bool(np.all((a.astype(np.float32).astype(np.float64) == a) | np.isinf(a)))
-
-
-#: chunks of the input channels for a float32 convolution with long dot
-#: products (>= CHUNK_MIN_TERMS): about 1.5x the convolution's time on a CPU,
-#: an 8x smaller a priori bound
-CHUNKS = 8
-CHUNK_MIN_TERMS = 1024
-
-
-def _chunks(node) -> int:
-    op = node.op
-    if isinstance(op, Dense) or node.transposed or op.groups != 1:
-        return 1
-    c_in = op.kernel.shape[1]
-    return CHUNKS if c_in % CHUNKS == 0 and node.terms() >= CHUNK_MIN_TERMS else 1
-
-
-def identity_rest(node) -> np.ndarray | None:
-    """K' = W - I when the convolution node W is the identity plus a kernel
-    (a fused residual block x + Conv(x)): square, groups 1, odd kernel, stride
-    1, padding that keeps the centre tap on the output position, same output
-    size, and every centre-tap diagonal entry in [1/2, 2] so that subtracting
-    1 is exact in float64 (Sterbenz).  None otherwise."""
-    op = getattr(node, "op", None)
-    if not isinstance(node, LinearNode) or isinstance(op, Dense) or node.transposed or any(node.output_padding):
-        return None
-    k = op.kernel
-    c_out, c_in, kh, kw = k.shape
-    dh, dw = op.dilation
-    ph, pw = dh * (kh // 2), dw * (kw // 2)
-    if (c_out != c_in or op.groups != 1 or kh % 2 == 0 or kw % 2 == 0 or tuple(op.stride) != (1, 1)
-            or tuple(op.padding) != (ph, pw, ph, pw) or tuple(op.output_shape) != tuple(op.input_shape)):
-        return None
-    idx = np.arange(c_out)
-    centre = k[idx, idx, kh // 2, kw // 2]
-    if not np.all((centre >= 0.5) & (centre <= 2.0)):
-        return None
-    rest = np.array(k, dtype=np.float64)
-    rest[idx, idx, kh // 2, kw // 2] = centre - 1.0
-    return rest
 
 
 def _prep_node(node, device, dtype=torch.float32):
@@ -295,39 +200,9 @@ class FastGraph:
     dtypes: list | None = None
 
 
-#: in a float32 forward, a linear node with at most this share of the graph's
-#: multiply-adds runs in float64: its a priori error is then negligible at a
-#: small cost.  Stems, necks and heads are cheap and often ill-conditioned
-#: (|| |W| || >> ||W||), and would otherwise dominate the float32 bound.
-CHEAP_SHARE = 0.05
-
-
-def _cheap_nodes(nodes) -> set:
-    """Indices of the linear nodes run in float64: the cheapest first, while
-    together they hold at most CHEAP_SHARE of the multiply-adds (so the most
-    expensive node always stays float32)."""
-    lin = sorted((_macs(n), k) for k, n in enumerate(nodes) if isinstance(n, LinearNode))
-    total = sum(m for m, _ in lin) + sum(_macs(n) for n in nodes if isinstance(n, ParallelNode))
-    out, acc = set(), 0
-    for m, k in lin:
-        acc += m
-        if acc > CHEAP_SHARE * total:
-            break
-        out.add(k)
-    return out
-
-
 def mixed(fg) -> bool:
     """Whether some node of a float32 forward runs in float64."""
     return fg.dtype == torch.float32 and any(d == torch.float64 for d in (fg.dtypes or []))
-
-
-def _macs(node) -> int:
-    if isinstance(node, LinearNode):
-        return node.terms() * int(np.prod(node.out_shape))
-    if isinstance(node, ParallelNode):
-        return sum(_macs(m) for br in node.branches for m in br)
-    return 0
 
 
 GRAPH_FIELDS = {"input_name", "input_shape", "output_name", "nodes", "num_classes", "dropped_output", "batch",
@@ -399,21 +274,12 @@ def _linear32(node: LinearNode, p: _Lin, h: torch.Tensor) -> torch.Tensor:
     if isinstance(op, Dense):
         y = h @ p.weight.T
         return y if p.bias is None else y + p.bias
-    pt, pl, pb, pr = op.padding
-    if node.transposed:
-        y = F.conv_transpose2d(h, p.weight, None, stride=op.stride, dilation=op.dilation, groups=op.groups)
-        _, OH, OW = op.input_shape
-        y = F.pad(y, (0, max(0, pl + OW - y.shape[3]), 0, max(0, pt + OH - y.shape[2])))
-        y = y[:, :, pt:pt + OH, pl:pl + OW]
-        return y if p.bias is None else y + p.bias.reshape(1, -1, 1, 1)
-    if any(op.padding):
-        h = F.pad(h, (pl, pr, pt, pb))
     if p.chunks > 1:
         # partial sums over the input-channel chunks, then their sum, then the bias
-        y = F.conv2d(h, p.weight, None, stride=op.stride, dilation=op.dilation, groups=p.chunks)
+        y = apply_conv(op, False, h, p.weight, None, groups=p.chunks)
         y = y.reshape(y.shape[0], p.chunks, -1, *y.shape[2:]).sum(dim=1)
         return y if p.bias is None else y + p.bias.reshape(1, -1, 1, 1)
-    return F.conv2d(h, p.weight, p.bias, stride=op.stride, dilation=op.dilation, groups=op.groups)
+    return apply_conv(op, node.transposed, h, p.weight, p.bias)
 
 
 def _apply(node, p, h: torch.Tensor, bound, hn: torch.Tensor):

@@ -344,18 +344,7 @@ def _linear(node: LinearNode, h: torch.Tensor, b, absolute: bool = False) -> tor
     k = torch.from_numpy(op.kernel)
     if absolute:
         k = k.abs()
-    pt, pl, pb, pr = op.padding
-    if node.transposed:
-        # adjoint of the conv on op.input_shape: full transposed conv, then crop
-        # the padding (output_padding rows/cols beyond the full size are zero)
-        y = F.conv_transpose2d(h, k, None, stride=op.stride, dilation=op.dilation, groups=op.groups)
-        _, OH, OW = op.input_shape
-        y = F.pad(y, (0, max(0, pl + OW - y.shape[3]), 0, max(0, pt + OH - y.shape[2])))
-        y = y[:, :, pt:pt + OH, pl:pl + OW]
-        return y if b is None else y + b.reshape(1, -1, 1, 1)
-    if any(op.padding):
-        h = F.pad(h, (pl, pr, pt, pb))
-    return F.conv2d(h, k, b, stride=op.stride, dilation=op.dilation, groups=op.groups)
+    return apply_conv(op, node.transposed, h, k, b)
 
 
 def describe(node: Node) -> str:
@@ -384,3 +373,23 @@ def describe(node: Node) -> str:
 
 __all__ = ["Graph", "Node", "LinearNode", "AffineNode", "ReshapeNode", "IndexNode", "ActivationNode",
            "ParallelNode", "ParallelBound", "ACTIVATIONS", "gamma", "compose_rel", "U64", "LIBM_REL", "describe"]
+
+
+def apply_conv(op, transposed: bool, h, k, b, groups: int | None = None):
+    """A convolution node of the IR on the batch ``h`` with kernel ``k`` and
+    bias ``b`` (torch tensors of any dtype and device): zero padding
+    (top, left, bottom, right), or for ``transposed`` the adjoint of the conv
+    on ``op.input_shape`` (full transposed conv, then the padding cropped;
+    output_padding rows/cols beyond the full size are zero).  ``groups``
+    overrides ``op.groups`` (the fast path's chunked sums)."""
+    g = op.groups if groups is None else groups
+    pt, pl, pb, pr = op.padding
+    if transposed:
+        y = F.conv_transpose2d(h, k, None, stride=op.stride, dilation=op.dilation, groups=g)
+        _, OH, OW = op.input_shape
+        y = F.pad(y, (0, max(0, pl + OW - y.shape[3]), 0, max(0, pt + OH - y.shape[2])))
+        y = y[:, :, pt:pt + OH, pl:pl + OW]
+        return y if b is None else y + b.reshape(1, -1, 1, 1)
+    if any(op.padding):
+        h = F.pad(h, (pl, pr, pt, pb))
+    return F.conv2d(h, k, b, stride=op.stride, dilation=op.dilation, groups=g)
