@@ -193,6 +193,10 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
     _, g = load(model_path, input_shape)
     _require_certifiable(g, model)
     a = rep.analysis
+    if getattr(a, "body_rule", "product") != "product":
+        raise UsageError("--proof: the independent checker re-proves a product of per-operator bounds; this body "
+                         "bound comes from the multi-layer LipSDP (proofs/lipsdp.md), which it does not re-check. "
+                         "Use --method exact or power with --proof.")
     names = [n.name for n in model.graph.node]
     onnx_nodes = {n.name: n for n in model.graph.node if n.name and names.count(n.name) == 1}
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
