@@ -164,3 +164,48 @@ def test_trained_minmax_network_on_digits(minmax_digits):
     d = load_data("digits", "test")
     emp = empirical_lipschitz(g, d.x[:32], steps=30)           # logits: body bound times the head's norm
     assert 0 < emp <= up_mul(float(a.body.value), head_norm(a, "exact"))
+
+
+@pytest.fixture(scope="module")
+def small_conv_digits(tmp_path_factory):
+    """A small LiResNet-like conv net (stem conv, a stride-4 neck conv whose
+    explicit matrix was above the old SDP size limit, dense head), trained briefly."""
+    import warnings
+
+    from certlib.data import load as load_data
+
+    torch.manual_seed(0)
+    d = load_data("digits", "train")
+    x, y = torch.as_tensor(d.x), torch.as_tensor(d.y)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _MaxMin(), nn.Conv2d(8, 32, 4, stride=4), _MaxMin(),
+                          nn.Flatten(), nn.Linear(128, 10))
+    x, y = x[:400], y[:400]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("sdpconv") / "conv.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(2, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=17)
+    return path
+
+
+def test_verify_sdp_on_a_conv_digits_model_matches_exact(small_conv_digits):
+    """--method sdp is not refused on a stride-4 neck conv (512 inputs: the SDP
+    runs on the smaller Gram side) and certifies exactly what --method exact does."""
+    from certlib.data import load as load_data
+    from certlib.verify import verify_file
+
+    d = load_data("digits", "test")
+    from certlib.data import Dataset
+
+    data = Dataset(d.x[:120], d.y[:120], "digits[:120]", 10)
+    ex = verify_file(small_conv_digits, data, 0.1, "exact", fast=False)
+    sd = verify_file(small_conv_digits, data, 0.1, "sdp", fast=False)
+    assert sd.analysis.body_rule == "product"                 # convolutions: the per-layer road
+    assert ex.result.vra > 0 and sd.result.vra == ex.result.vra
+    assert ex.analysis.body.value <= sd.analysis.body.value <= ex.analysis.body.value * (1 + 1e-5)
+    assert list(sd.result.certified) == list(ex.result.certified)
