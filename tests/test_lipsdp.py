@@ -147,23 +147,31 @@ def minmax_digits(tmp_path_factory):
 
 def test_trained_minmax_network_on_digits(minmax_digits):
     """--method sdp bounds the body with the multi-layer LMI: below the product
-    of the (exact) layer norms, above what the attack finds."""
+    of the (exact) layer norms, above what the attack finds; --proof refuses
+    such a body bound (the independent checker re-proves products only)."""
     from certlib.attack import empirical_lipschitz
     from certlib.audit import head_norm
     from certlib.bounds import up_mul
-    from certlib.data import load as load_data
+    from certlib.certificate import build_certificate
+    from certlib.data import Dataset, load as load_data
+    from certlib.errors import UsageError
     from certlib.ir.compose import analyze
     from certlib.onnx.importer import load
+    from certlib.verify import verify_file
 
     _, g = load(minmax_digits)
     exact = analyze(g, "exact")
-    a = analyze(g, "sdp")
+    d = load_data("digits", "test")
+    data = Dataset(d.x[:32], d.y[:32], "digits[:32]", 10)
+    rep = verify_file(minmax_digits, data, 0.05, "sdp", fold_inputs=False, fast=False)
+    a = rep.analysis
     assert a.body_rule == "lipsdp" and a.body_info["dim"] == 64 + 3 * 32
     assert a.body.value < exact.body.value                    # the product of exact layer norms
     assert a.body.value < a.body_info["product"]
-    d = load_data("digits", "test")
     emp = empirical_lipschitz(g, d.x[:32], steps=30)           # logits: body bound times the head's norm
     assert 0 < emp <= up_mul(float(a.body.value), head_norm(a, "exact"))
+    with pytest.raises(UsageError, match="multi-layer LipSDP"):
+        build_certificate(minmax_digits, rep, data, "digits")
 
 
 @pytest.fixture(scope="module")
