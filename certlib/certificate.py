@@ -189,14 +189,14 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
     if getattr(rep, "fast", {}).get("float32"):
         raise UsageError("--proof needs the float64 logits (verify with fast=False): the stated margins give "
                          "away a cushion of the logits' error bound, and the float32 bound is far larger")
-    a = rep.analysis
-    if getattr(a, "body_rule", "product") != "product":
+    if getattr(getattr(rep, "analysis", None), "body_rule", "product") != "product":
         raise UsageError("--proof: the independent checker re-proves a product of per-operator bounds; this body "
                          "bound comes from the multi-layer LipSDP (proofs/lipsdp.md), which it does not re-check. "
                          "Use --method exact or power with --proof.")
     model = onnx.load(str(model_path))
     _, g = load(model_path, input_shape)
     _require_certifiable(g, model)
+    a = rep.analysis
     names = [n.name for n in model.graph.node]
     onnx_nodes = {n.name: n for n in model.graph.node if n.name and names.count(n.name) == 1}
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}

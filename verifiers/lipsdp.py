@@ -45,7 +45,7 @@ from .rump import ETA, down, gamma, is_spd, l2_upper
 __all__ = ["lipsdp_bound", "prove", "solve", "stack_dim", "MAX_DIM"]
 
 #: the largest LMI (size n0 + new variables) that the solver is asked to solve
-MAX_DIM = 700
+MAX_DIM = 400
 
 
 # ------------------------------------------------------------ tracked matrices

@@ -55,7 +55,7 @@ GRAM_SIDE_FROM = 64
 _OPTIONS = {"CLARABEL": {}, "SCS": {"eps_abs": 1e-9, "eps_rel": 1e-9, "max_iters": 200_000}}
 #: the multi-layer LipSDP needs less: its multipliers are kept strictly feasible
 #: by a margin, and rho2 is recomputed for them exactly (verifiers/lipsdp.py)
-LIPSDP_OPTIONS = {"CLARABEL": {}, "SCS": {"eps_abs": 1e-5, "eps_rel": 1e-5, "max_iters": 100_000}}
+LIPSDP_OPTIONS = {"CLARABEL": {}, "SCS": {"eps_abs": 1e-5, "eps_rel": 1e-5, "max_iters": 50_000}}
 
 
 def solve_norm_sdp(M, solver: str | None = None) -> tuple[float, dict]:

@@ -248,6 +248,8 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
     node_bounds[h] = float("nan")  # filled below (the head's spectral norm is not needed)
     rule, info = "product", {}
     if method == "sdp" and not estimate_only:
+        if progress is not None:
+            progress("the body as one dense stack (multi-layer LipSDP)")
         ml, info = _multilayer(g, h, body)
         if ml is not None:
             body, rule = ml.value, "lipsdp"
