@@ -222,6 +222,10 @@ def build_certificate(model_path: str | Path, rep, data, data_spec: str, input_s
     if getattr(rep, "fast", {}).get("float32"):
         raise UsageError("--proof needs the float64 logits (verify with fast=False): the stated margins give "
                          "away a cushion of the logits' error bound, and the float32 bound is far larger")
+    if getattr(getattr(rep, "analysis", None), "body_rule", "product") != "product":
+        raise UsageError("--proof: the independent checker re-proves a product of per-operator bounds; this body "
+                         "bound comes from the multi-layer LipSDP (proofs/lipsdp.md), which it does not re-check. "
+                         "Use --method exact or power with --proof.")
     model = onnx.load(str(model_path))
     _, g = load(model_path, input_shape)
     _require_certifiable(g, model)

@@ -166,10 +166,13 @@ def bounds(
     tag = "sound bound" if a.sound else "ESTIMATE, NOT SOUND"
     err_console.print(f"body Lipschitz: [bold]{float(a.body.value):.9g}[/] ({a.method}, {tag}); "
                       f"max K_ij: {float(a.K.max()):.9g}; {a.seconds:.2f} s")
+    if a.body_rule != "product":
+        err_console.print(f"body bound: {a.body_how()}")
     if json_out:
         Path(json_out).write_text(json.dumps({
             "model": str(model), "sha256": file_sha256(model),
-            "lipschitz": {"body": float(a.body.value), "method": a.method, "sound": a.sound},
+            "lipschitz": {"body": float(a.body.value), "method": a.method, "sound": a.sound,
+                          "rule": a.body_rule},
             "layers": [lb.as_dict() for lb in a.layers], "certlib_version": __version__}, indent=2) + "\n")
 
 

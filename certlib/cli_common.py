@@ -18,7 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                        "Every certified claim rests on proven Lipschitz upper bounds, never on estimates.")
 
 METHOD_HELP = ("Lipschitz verifier: exact (SVD / FFT blocks + rigorous margin), power (power iteration "
-               "proven by a Cholesky certificate), sdp (cvxpy, re-proven).")
+               "proven by a Cholesky certificate), sdp (cvxpy, re-proven; a dense ReLU/MaxMin/GroupSort "
+               "body is also bounded as a whole by the multi-layer LipSDP).")
 DATA_HELP = ("digits | npz:PATH | cifar10:DIR | cifar100:DIR | tinyimagenet:DIR | imagenet:DIR | "
              "imagefolder:DIR (test split).")
 

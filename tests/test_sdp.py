@@ -114,16 +114,16 @@ def test_zero_operator():
 def test_larger_conv_uses_blocks_and_is_sound():
     rng = np.random.default_rng(3)
     op = Conv2d(rng.standard_normal((2, 2, 3, 3)), (2, 5, 5), padding=1)
-    b = sdp.sdp_bound(op)                   # in + out = 100 <= 400: explicit matrix
+    b = sdp.sdp_bound(op)                   # min(in, out) = 50 <= 400: explicit matrix
     assert b.info["family"] == "explicit" and b.value >= truth(op)
-    b2 = sdp.sdp_bound(op, max_dim=40)      # forced to DFT blocks of SDP size 8
+    b2 = sdp.sdp_bound(op, max_dim=40)      # forced to DFT blocks (Gram side 2 min(2, 2) = 4)
     assert b2.info["family"].startswith("dft-blocks") and b2.value >= truth(op)
     assert b2.info["n_solves"] < b2.info["blocks"]
 
 
 def test_refuses_too_large():
     with pytest.raises(ValueError, match="max_dim"):
-        sdp.sdp_bound(Dense(np.ones((300, 200))))
+        sdp.sdp_bound(Dense(np.ones((500, 450))))   # smaller Gram side 450 > 400
     big = Conv2d(np.ones((64, 64, 3, 3)), (64, 8, 8), padding=1)
     with pytest.raises(ValueError, match="too large"):
         sdp.sdp_bound(big, max_dim=100)

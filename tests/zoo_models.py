@@ -6,7 +6,13 @@ torch; no library), for the third-party zoo of tests/test_thirdparty.py:
   (``x - 2 / ||K||^2 K^T relu(K x + b)``, K a convolution, K^T its transpose);
 * SLL (Araujo et al. 2023, SDP-based Lipschitz layers), dense:
   ``x - 2 W T^-1 relu(W^T x + b)``, ``T = diag(sum_j |W^T W|_ij q_j / q_i)``;
-* AOL (Prach & Lampert 2022): ``W diag(d)``, ``d_i = (sum_j |W^T W|_ij)^-1/2``.
+* AOL (Prach & Lampert 2022): ``W diag(d)``, ``d_i = (sum_j |W^T W|_ij)^-1/2``;
+* SOC (Singla & Feizi 2021, skew orthogonal convolution): ``exp(L) x`` with L a
+  skew-symmetric convolution (kernel ``K - flip(K)^T``, so conv_L^T = -conv_L
+  with zero padding), scaled to ||L|| = 1/2, computed as the truncated Taylor
+  series ``x + L x + L^2 x / 2! + ...`` (6 terms): exported as a chain of convs
+  whose partial results are all summed.  Not exactly orthogonal: the truncation
+  leaves ||op|| = 1 + O(||L||^7 / 7!).
 
 Each is 1-Lipschitz by its paper's theorem; the norms the definitions need
 (||W||, ||K||) are computed exactly in float64 in ``forward`` (the papers use
@@ -82,6 +88,25 @@ class AOLDense(nn.Module):
         return F.linear(x, self.W * d[None, :], self.bias)
 
 
+class SOC(nn.Module):
+    def __init__(self, c: int, shape: tuple, terms: int = 6):
+        super().__init__()
+        self.K = nn.Parameter(torch.randn(c, c, 3, 3) / (3 * c))
+        self.terms, self.shape = terms, (c, *shape)
+
+    def kernel(self):
+        L = self.K - self.K.transpose(0, 1).flip(2, 3)      # skew-symmetric convolution
+        return L * (0.5 / _conv_norm(L, self.shape, 1))
+
+    def forward(self, x):
+        L = self.frozen if hasattr(self, "frozen") else self.kernel()
+        out = z = x
+        for i in range(1, self.terms + 1):
+            z = F.conv2d(z, L, padding=1) / i
+            out = out + z
+        return out
+
+
 class _Head(nn.Module):
     """A head with orthonormal rows (QR, fixed): 1-Lipschitz."""
 
@@ -110,11 +135,18 @@ def aol_dense():
     return nn.Sequential(nn.Flatten(), AOLDense(64, 64), nn.ReLU(), AOLDense(64, 32), nn.ReLU(), _Head(32))
 
 
+def soc():
+    return nn.Sequential(SOC(1, (8, 8)), nn.ReLU(), SOC(1, (8, 8)), nn.Flatten(), _Head(64))
+
+
 def plain(model: nn.Module) -> nn.Module:
-    """Freeze the exact norms (an SVD: not an ONNX op) as constants for export."""
+    """Freeze the exact norms (an SVD: not an ONNX op) as constants for export
+    (SOC: its scaled skew kernel)."""
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (CPLDense, CPLConv)):
                 m.register_buffer("frozen", m.scale().detach().clone())
+            if isinstance(m, SOC):
+                m.register_buffer("frozen", m.kernel().detach().clone())
     return model.eval()

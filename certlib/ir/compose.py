@@ -63,6 +63,18 @@ class Analysis:
     seconds: float = 0.0
     head_index: int = -1
     fold_inputs: bool = True
+    #: how ``body`` was composed: "product" of the stage bounds (the layers
+    #: above), or "lipsdp": the multi-layer LipSDP of a dense stack
+    #: (proofs/lipsdp.md), below that product; ``body_info`` says more
+    body_rule: str = "product"
+    body_info: dict = field(default_factory=dict)
+
+    def body_how(self) -> str:
+        """One line for reports: how the body bound was composed."""
+        if self.body_rule == "lipsdp":
+            return (f"multi-layer LipSDP over the dense stack, re-proven by Rump (product of stage bounds: "
+                    f"{self.body_info.get('product', float('nan')):.9g})")
+        return "product of the stage bounds"
 
 
 def split_head(g: Graph) -> int:
@@ -234,15 +246,44 @@ def analyze(g: Graph, method: str = "exact", estimate_only: bool = False, progre
                 rounding = _fold_rel(rounding, n)
             W = W * s[:, None]
     node_bounds[h] = float("nan")  # filled below (the head's spectral norm is not needed)
+    rule, info = "product", {}
+    if method == "sdp" and not estimate_only:
+        if progress is not None:
+            progress("the body as one dense stack (multi-layer LipSDP)")
+        ml, info = _multilayer(g, h, body)
+        if ml is not None:
+            body, rule = ml.value, "lipsdp"
     if estimate_only:
         body_val: Bound | Estimate = Estimate(body, "power-estimate")
+    elif rule == "lipsdp":
+        body_val = Bound(body, method, "multi-layer LipSDP, re-proven by Rump (proofs/lipsdp.md)", info=info)
     else:
         body_val = Bound(body, method, "upward-rounded product of per-stage bounds")
     K = pair_constants(W, float(body), rounding)
     # the forward-error recursion needs a bound for the head as well: ||W||_2 <= ||W||_F
     node_bounds[h] = up(float(np.linalg.norm(W)) * (1 + gamma(W.size + 2)) * (1 + rounding + U64))
     return Analysis(body_val, W, rounding, K, layers, node_bounds, method if not estimate_only else "power",
-                    not estimate_only, time.perf_counter() - t0, h, fold_inputs)
+                    not estimate_only, time.perf_counter() - t0, h, fold_inputs, rule, info)
+
+
+def _multilayer(g: Graph, h: int, product: float):
+    """The multi-layer LipSDP Bound of a dense-stack body (None when the body
+    is not one, the LMI is too large, or no certificate was proven; the
+    per-layer product then stands), and what happened."""
+    from certlib.ir.dense_stack import dense_stack
+    from certlib.verifiers.lipsdp import lipsdp_bound
+
+    st = dense_stack(g.nodes, h)
+    if st is None:
+        return None, {"lipsdp": "not a dense stack"}
+    try:
+        b = lipsdp_bound(*st)
+    except (ValueError, RuntimeError) as e:
+        return None, {"lipsdp": f"not used: {e}"}
+    if not isinstance(b, Bound):
+        raise UnsoundError("lipsdp_bound must return a Bound")
+    info = {"lipsdp": b.value, "product": product, **{k: b.info[k] for k in ("solver", "dim", "seconds")}}
+    return (b if b.value < product else None), info
 
 
 def pair_constants(W: np.ndarray, L: float, rounding: float = 0.0) -> np.ndarray:

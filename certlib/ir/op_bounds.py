@@ -43,9 +43,10 @@ def conv_matrix(op: Conv2d) -> np.ndarray:
     return M
 
 
-#: the SDP verifier takes a convolution's explicit matrix when its SDP
-#: ([[tI, A^T], [A, tI]], size in + out) is at most this; larger convolutions
-#: go per DFT frequency block (circular relaxation: sound, a little looser).
+#: the SDP verifier takes a convolution's explicit matrix when its SDP (on the
+#: smaller Gram side, size min(in, out)) is at most this and the matrix fits
+#: DENSE_LIMIT; larger convolutions go per DFT frequency block (circular
+#: relaxation: sound, a little looser).
 SDP_MAX_DIM = 400
 
 
@@ -77,7 +78,7 @@ def _explicit_for(op, method: str):
     if not isinstance(op, Conv2d):
         return op
     if method == "sdp":
-        small = op.in_dim + op.out_dim <= SDP_MAX_DIM
+        small = min(op.in_dim, op.out_dim) <= SDP_MAX_DIM and max(op.in_dim, op.out_dim) <= DENSE_LIMIT
     else:
         small = op.in_dim <= DENSE_LIMIT and op.out_dim <= DENSE_LIMIT
     return Dense(conv_matrix(op)) if small else op

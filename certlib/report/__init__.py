@@ -39,6 +39,8 @@ def print_report(rep: VerifyReport, console: Console | None = None, show_layers:
     t.add_row("eps (l2)", f"{rep.eps:.9g}")
     t.add_row("body Lipschitz", f"{float(a.body.value):.9g}  ({a.method}, "
               + ("[green]sound bound[/]" if a.sound else "[bold red]ESTIMATE: NOT SOUND[/]") + ")")
+    if getattr(a, "body_rule", "product") != "product":
+        t.add_row("body bound from", a.body_how())
     if rep.result is not None:
         r = rep.result
         t.add_row("samples", str(r.n))
