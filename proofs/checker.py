@@ -440,13 +440,7 @@ def check_samples(model_bytes, cert, items, Kc, x, y) -> dict:
     if sem is not None:                                           # the executed model over the whole ball
         rec = np.array([[number(v, f"sample {s['index']}", "stage norm") for v in s.get("stage_norms") or []]
                         for s in S], dtype=F64).reshape(N, -1)
-        if rec.shape[1] != len(items):
-            fail("samples", f"stage_norms must list one norm per graph stage ({len(items)})")
-        fsem.check_norms(rec, fsem.stage_norms_at_x(items, np.asarray(x, F64), apply))
-        eb = fsem.ball_errors([sts[0] for sts, _ in items], [L for _, L in items], x, rec, eps, sem)
-        lo = np.nextafter(lo - vup(SQRT2 * eb)[:, None], -np.inf)
-        if np.any((rad > eps) & (rad > 0)):
-            fail(f"sample {int(np.nonzero(rad > eps)[0][0])}", "radius exceeds eps under a floating-point semantics")
+        lo = fsem.lower_over_ball(lo, rec, items, x, eps, rad, sem, apply)
 
     def first(bad, why):
         if np.any(bad):

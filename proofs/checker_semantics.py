@@ -19,9 +19,9 @@ import math
 import numpy as np
 
 try:
-    from .checker_norms import F64, U, CheckFailed, fail, infl, norm_up, up, vup  # noqa: F401
+    from .checker_norms import F64, SQRT2, U, CheckFailed, fail, infl, norm_up, up, vup  # noqa: F401
 except ImportError:                                               # standalone
-    from checker_norms import F64, U, CheckFailed, fail, infl, norm_up, up, vup  # noqa: F401
+    from checker_norms import F64, SQRT2, U, CheckFailed, fail, infl, norm_up, up, vup  # noqa: F401
 
 #: name -> (u, tiny, largest finite); tiny >= the smallest normal (flush-to-zero included)
 FORMATS = {"float32": (2.0 ** -24, 2.0 ** -125, float(np.finfo(np.float32).max)),
@@ -138,3 +138,16 @@ def check_norms(recorded, own):
     if bad.size:
         i, k = bad[0]
         fail(f"sample {i}", f"stage_norms[{k}] = {recorded[i, k]!r} is below this checker's bound {own[i, k]!r}")
+
+
+def lower_over_ball(lo, recorded, items, x, eps, rad, sem, apply):
+    """The margin lower bounds ``lo`` (at x, exact model) lowered by sqrt(2) times the execution-error
+    bound over the ball, after checking the recorded stage norms against this checker's own and that
+    no radius exceeds eps."""
+    if recorded.shape[1] != len(items):
+        fail("samples", f"stage_norms must list one norm per graph stage ({len(items)})")
+    check_norms(recorded, stage_norms_at_x(items, np.asarray(x, F64), apply))
+    eb = ball_errors([sts[0] for sts, _ in items], [L for _, L in items], x, recorded, eps, sem)
+    if np.any((rad > eps) & (rad > 0)):
+        fail(f"sample {int(np.nonzero(rad > eps)[0][0])}", "radius exceeds eps under a floating-point semantics")
+    return np.nextafter(lo - vup(SQRT2 * eb)[:, None], -np.inf)
