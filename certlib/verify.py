@@ -154,6 +154,26 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
     return _batched(lambda xb: forward32(fg, xb, node_bounds), x, batch_size, progress, g.num_classes)
 
 
+def check_data(g: Graph, sample_shape, labels=None) -> None:
+    """Samples of the model's input shape and labels below its number of
+    outputs, or a UsageError."""
+    from certlib.errors import UsageError
+
+    if tuple(sample_shape) != tuple(g.input_shape):
+        raise UsageError(f"data samples have shape {tuple(sample_shape)} but the model expects "
+                         f"{tuple(g.input_shape)}")
+    if labels is not None and np.size(labels) and int(np.max(labels)) >= g.num_classes:
+        raise UsageError(f"labels go up to {int(np.max(labels))} but the model has {g.num_classes} outputs")
+
+
+def analyze_on(device: str | None, g: Graph, **kw) -> Analysis:
+    """:func:`certlib.ir.compose.analyze` with the exact method's engine on ``device``."""
+    from certlib.verifiers.svd import on_device
+
+    with on_device(resolve_device(device)):
+        return analyze(g, **kw)
+
+
 def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
                  model_name: str = "", sha256: str = "", batch_size: int = 256,
                  estimate_only: bool = False, progress=None, fold_inputs: bool = True,
@@ -176,20 +196,11 @@ def verify_graph(g: Graph, data: Dataset, eps: float, method: str = "exact", *,
         raise UsageError("--semantics other than exact needs sound certification (not --estimate-only)")
     if fast is None:
         fast = fold_inputs and sem.exact
-    if tuple(data.x.shape[1:]) != tuple(g.input_shape):
-        from certlib.errors import UsageError
-        raise UsageError(f"data samples have shape {tuple(data.x.shape[1:])} but the model expects "
-                         f"{tuple(g.input_shape)}")
-    if data.num_classes and int(data.y.max(initial=0)) >= g.num_classes:
-        from certlib.errors import UsageError
-        raise UsageError(f"labels go up to {int(data.y.max())} but the model has {g.num_classes} outputs")
+    check_data(g, data.x.shape[1:], data.y if data.num_classes else None)
     seconds = {}
     t = time.perf_counter()
-    from certlib.verifiers.svd import on_device
-
-    with on_device(resolve_device(device)):
-        a = analyze(g, method=method, estimate_only=estimate_only,
-                    progress=(lambda name: progress("bounds", name)) if progress else None, fold_inputs=fold_inputs)
+    a = analyze_on(device, g, method=method, estimate_only=estimate_only,
+                   progress=(lambda name: progress("bounds", name)) if progress else None, fold_inputs=fold_inputs)
     seconds["bounds"] = time.perf_counter() - t
     fwd_progress = (lambda k: progress("forward", k)) if progress else None
     if not sem.exact:

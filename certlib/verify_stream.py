@@ -21,10 +21,17 @@ import numpy as np
 
 from certlib.certify import Result
 from certlib.ir.graph import Graph
-from certlib.verify import VerifyReport, certify_arrays
+from certlib.report import TSV_HEADER, tsv_rows
+from certlib.verify import VerifyReport, analyze_on, certify_arrays, check_data
 
 #: kept per sample (the margins only when a certificate or HTML report needs them)
 FIELDS = ("idx", "label", "pred", "correct", "certified", "radius", "slack")
+
+
+def _add_counts(dst: dict, src: dict) -> None:
+    """Sum the fast path's counters (flags are copied)."""
+    for k, v in src.items():
+        dst[k] = (dst.get(k, 0) + v) if not isinstance(v, bool) else v
 
 
 @dataclass
@@ -42,8 +49,7 @@ class Records:
         self.n += len(idx)
         for k, v in out.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
-        for k, v in out.fast.items():
-            self.fast[k] = (self.fast.get(k, 0) + v) if not isinstance(v, bool) else v
+        _add_counts(self.fast, out.fast)
         if out.result is None:
             self.est_vra += (out.estimated_vra or 0.0) * len(idx)
             self.est_clean += (out.estimated_clean or 0.0) * len(idx)
@@ -61,8 +67,7 @@ class Records:
             for k in m.parts:
                 m.parts[k].extend(o.parts[k])
             m.disagree.extend(o.disagree)
-            for k, v in o.fast.items():
-                m.fast[k] = (m.fast.get(k, 0) + v) if not isinstance(v, bool) else v
+            _add_counts(m.fast, o.fast)
             for k, v in o.seconds.items():  # the slowest rank's time
                 m.seconds[k] = max(m.seconds.get(k, 0.0), v)
             m.est_vra, m.est_clean, m.n = m.est_vra + o.est_vra, m.est_clean + o.est_clean, m.n + o.n
@@ -95,12 +100,6 @@ class StreamData:
         return self._sha
 
 
-def tsv_rows(idx, label, r: Result) -> str:
-    """TSV rows in :data:`certlib.report.TSV_COLUMNS` order (as ``write_tsv``)."""
-    return "".join(f"{int(i)}\t{int(lab)}\t{int(p)}\t{int(c)}\t{int(ce)}\t{float(rad):.9g}\n"
-                   for i, lab, p, c, ce, rad in zip(idx, label, r.pred, r.correct, r.certified, r.radius))
-
-
 def _broadcast_analysis(make, info):
     if not info.enabled:
         return make()
@@ -121,33 +120,24 @@ def verify_stream(g: Graph, stream, eps: float, method: str = "exact", *, model_
     ``keep_margins``: keep the (N, C) margins (certificates, HTML reports);
     ``on_bounds(name)`` / ``on_batch(done_here, total_here)``: progress.
     Returns (report, data) on rank 0 and (None, None) on the other ranks."""
-    from certlib.errors import UsageError
-    from certlib.ir.compose import analyze
     from certlib.train.distributed import DistInfo
 
     info = info or DistInfo()
     if fast is None:
         fast = fold_inputs
-    if tuple(stream.sample_shape) != tuple(g.input_shape):
-        raise UsageError(f"data samples have shape {tuple(stream.sample_shape)} but the model expects "
-                         f"{tuple(g.input_shape)}")
-    from certlib.verifiers.svd import on_device
-    from certlib.verify import resolve_device
-
+    check_data(g, stream.sample_shape)
     t = time.perf_counter()
-    with on_device(resolve_device(device)):
-        a = _broadcast_analysis(lambda: analyze(g, method=method, estimate_only=estimate_only,
-                                                progress=on_bounds, fold_inputs=fold_inputs), info)
+    a = _broadcast_analysis(lambda: analyze_on(device, g, method=method, estimate_only=estimate_only,
+                                               progress=on_bounds, fold_inputs=fold_inputs), info)
     t_bounds = time.perf_counter() - t
     rec, h, done, prepared = Records(), hashlib.sha256(), 0, {}
     mine = len(range(info.rank, len(stream), info.world))
     f = open(tsv, "w") if (tsv and not info.enabled) else None
     try:
         if f:
-            f.write("idx\tlabel\tpred\tcorrect\tcertified\tradius\n")
+            f.write(TSV_HEADER)
         for idx, x, y in stream.batches(batch_size, info.rank, info.world):
-            if y.size and int(y.max()) >= g.num_classes:
-                raise UsageError(f"labels go up to {int(y.max())} but the model has {g.num_classes} outputs")
+            check_data(g, x.shape[1:], y)
             if not info.enabled:
                 h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
             out = certify_arrays(g, a, x, y, eps, batch_size=batch_size, estimate_only=estimate_only,
@@ -186,12 +176,10 @@ def verify_stream(g: Graph, stream, eps: float, method: str = "exact", *, model_
         rep = VerifyReport(model_name, sha256, eps, stream.name, data_sha, a, res, seconds=seconds)
         rep.runtime_disagree = sorted(rec.disagree)
         if tsv and info.enabled:
-            from certlib.report import TSV_COLUMNS
-
             with open(tsv, "w") as out:
-                out.write("\t".join(TSV_COLUMNS) + "\n" + tsv_rows(np.arange(res.n), labels, res))
+                out.write(TSV_HEADER + tsv_rows(np.arange(res.n), labels, res))
     rep.fast = rec.fast
     return rep, data
 
 
-__all__ = ["verify_stream", "Records", "StreamData", "tsv_rows"]
+__all__ = ["verify_stream", "Records", "StreamData"]

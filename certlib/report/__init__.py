@@ -68,13 +68,17 @@ def write_json(rep: VerifyReport, path: str | Path) -> None:
     Path(path).write_text(json.dumps(rep.as_json(), indent=2) + "\n")
 
 
+TSV_HEADER = "\t".join(TSV_COLUMNS) + "\n"
+
+
+def tsv_rows(idx, labels, r) -> str:
+    """TSV rows (:data:`TSV_COLUMNS` order) of the samples ``idx`` of the result ``r``."""
+    return "".join(f"{int(i)}\t{int(lab)}\t{int(p)}\t{int(c)}\t{int(ce)}\t{float(rad):.9g}\n"
+                   for i, lab, p, c, ce, rad in zip(idx, labels, r.pred, r.correct, r.certified, r.radius))
+
+
 def tsv_text(rep: VerifyReport, labels: np.ndarray) -> str:
-    r = rep.result
-    lines = ["\t".join(TSV_COLUMNS)]
-    for i in range(r.n):
-        lines.append(f"{i}\t{int(labels[i])}\t{int(r.pred[i])}\t{int(r.correct[i])}\t"
-                     f"{int(r.certified[i])}\t{float(r.radius[i]):.9g}")
-    return "\n".join(lines) + "\n"
+    return TSV_HEADER + tsv_rows(range(rep.result.n), labels, rep.result)
 
 
 def write_tsv(rep: VerifyReport, labels: np.ndarray, path: str | Path) -> None:
