@@ -24,24 +24,16 @@ from onnx_builders import plain_net, unsupported_net
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch, capsys):
+def cli(tmp_path, cli_main):
     """Run ``certlib verify MODEL --data npz:... --eps 0.01`` in-process through
     cli.main (the entry point that maps errors); returns (exit code, text)."""
-    from certlib import cli as cli_mod
-
     data = {(1, 4, 4): data_npz(tmp_path / "d144.npz", (1, 4, 4)),
             (2, 6, 6): data_npz(tmp_path / "d266.npz", (2, 6, 6))}
 
     def run(model_path, *extra, shape=(1, 4, 4)):
-        monkeypatch.setattr(sys, "argv", ["certlib", "verify", str(model_path), "--data",
-                                          f"npz:{data[shape]}", "--eps", "0.01", *extra])
-        try:
-            cli_mod.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        text = " ".join((out.out + out.err).split())  # undo rich's line wrapping
+        r = cli_main("verify", model_path, "--data", f"npz:{data[shape]}", "--eps", "0.01", *extra)
+        code = r.returncode
+        text = " ".join((r.stdout + r.stderr).split())  # undo rich's line wrapping
         assert "Traceback" not in text and "internal error" not in text, text
         return code, text
     return run

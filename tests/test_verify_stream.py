@@ -4,7 +4,6 @@ a streamed image folder gives the in-memory run's report sample for sample;
 errors for broken folders and for --device cuda without CUDA."""
 
 import json
-import sys
 
 import numpy as np
 import onnx
@@ -46,23 +45,9 @@ def _flat(text):
 
 
 @pytest.fixture
-def _cli(monkeypatch, capsys):
-    """``certlib ARGS`` in-process through cli.main (the entry point that maps
-    errors to exit codes): returns an object with returncode, stdout, stderr."""
-    from types import SimpleNamespace
-
-    from certlib import cli as cli_mod
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["certlib", *map(str, args)])
-        try:
-            cli_mod.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
+def _cli(cli_main):
+    """``certlib ARGS`` in-process (tests/conftest.py::cli_main)."""
+    return cli_main
 
 
 @pytest.mark.parametrize("workers,batch", [(0, 4), (1, 5)])
