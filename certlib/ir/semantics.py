@@ -69,7 +69,9 @@ class Semantics:
 
     @property
     def torch_dtype(self):
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.name)
+        from certlib.ir.execute import DTYPES
+
+        return DTYPES.get(self.name)
 
     @property
     def split(self) -> bool:
