@@ -349,3 +349,28 @@ def test_runtime_veto_covers_every_sample_with_a_positive_radius(monkeypatch):
     g = dataclasses.replace(_graph("digits", 0, width=16, depth=2), runtime_model=b"x")
     bad = _runtime_veto(g, np.zeros((3, 1)), res)
     assert 1 in bad and res.radius[1] == 0.0
+
+
+@pytest.mark.parametrize("geo", [((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), ((3, 5), (1, 1), (2, 2, 2, 2), (2, 1)),
+                                 ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1)), ((3, 3), (1, 1), (1, 1, 2, 1), (1, 1)),
+                                 ((3, 3), (1, 1), (0, 1, 2, 1), (1, 1)), ((2, 3), (1, 1), (1, 1, 0, 1), (1, 1)),
+                                 ((3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), ((5, 3), (1, 1), (2, 1, 2, 1), (1, 1))])
+def test_identity_split_against_the_explicit_matrix(geo):
+    """Wherever identity_rest splits a node, the explicit matrices satisfy
+    W = I + K' on the node's actual geometry (padding order, dilation, stride);
+    a geometry where the centre tap does not read the output position is not split."""
+    from certlib.ir.graph import LinearNode
+
+    (kh, kw), stride, pad, dil = geo
+    rng = np.random.default_rng(kh * 7 + kw)
+    k = rng.normal(0, 0.05, (3, 3, kh, kw))
+    if kh % 2 and kw % 2:
+        k[np.arange(3), np.arange(3), kh // 2, kw // 2] += 1.0
+    op = Conv2d(k, (3, 5, 6), stride=stride, padding=pad, dilation=dil)
+    node = LinearNode("c", "Conv", (3, 5, 6), tuple(op.output_shape), op, None)
+    rest = fast.identity_rest(node)
+    same = bool(kh % 2 and kw % 2) and stride == (1, 1) and pad == (dil[0] * (kh // 2), dil[1] * (kw // 2)) * 2
+    assert (rest is not None) == same
+    if rest is not None:
+        K = dataclasses.replace(op, kernel=rest).to_dense()
+        assert np.array_equal(op.to_dense(), np.eye(op.to_dense().shape[0]) + K)
