@@ -8,6 +8,6 @@ forms) and ``thirdparty`` (wrap-padding Concat, centering, l2-norm pooling).  To
 family it belongs to (docs/architecture.md says how, and which tests prove it).
 """
 
-from certlib.onnx.ops import core, nonlinear, patterns, shape, thirdparty  # noqa: F401  (registration)
+from certlib.onnx.ops import core, nonlinear, patterns, polynomial, shape, thirdparty  # noqa: F401  (registration)
 from certlib.onnx.ops.registry import (HANDLED_OPSET, HANDLERS, OPSETS, PATTERNS, Ctx, Skip, _attrs,  # noqa: F401
                                        _dynamic_input, check_opset)
