@@ -15,7 +15,8 @@ constants; Div by c multiplies by 1/Fraction(c)), and the exit polynomial
     q(A) x = a0 x + A(a1 x + A(a2 x + ... A(aK x)))
 
 each level a ParallelNode(add) of [AffineNode(a_i)] (empty when a_i = 1, absent
-when a_i = 0) and [inner level, LinearNode(A)].  A stored a_i that is not the
+when a_i = 0) and [inner level, LinearNode(A)]; with a0 = 0 the whole is wrapped
+in a one-branch ParallelNode, so q(A) is always ONE block.  A stored a_i that is not the
 exact rational carries ``const_err = u`` (AffineNode.const_err).  The emitted
 IR is the same function in exact real arithmetic; the float64 forward's own
 rounding is tracked by the IR as usual.
@@ -238,6 +239,8 @@ def horner(q: list, A: LinearNode | None, shape: tuple, name: str) -> list:
         own = [] if q[i] == 1 else [_coef(q[i], shape, f"{name}/a{i}")]
         level = [ParallelNode(f"{name}/h{i}", "Add", shape, shape, branches=[own, inner], merge="add",
                               signs=(1.0, 1.0))]
+    if q[0] == 0:    # one block for the whole of q (the rule bounds blocks, not chains of them)
+        level = [ParallelNode(f"{name}/h0", "Add", shape, shape, branches=[level], merge="add", signs=(1.0,))]
     return level
 
 
