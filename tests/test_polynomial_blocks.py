@@ -299,3 +299,28 @@ def test_bad_regions_are_refused_by_name(tmp_path, kind, needle):
     onnx.save(_soc_onnx(K, 4, **kw), str(p))
     with pytest.raises(UnsupportedModelError, match=needle):
         load(p)
+
+
+def test_downstream_fast_forward_and_refusals(tmp_path):
+    """The float32 fast forward covers its error on nested Horner blocks;
+    --proof and --semantics float32 refuse the block by name (before writing)."""
+    from certlib.certificate import _require_certifiable
+    from certlib.errors import UsageError
+    from certlib.data import Dataset
+    from certlib.verify import predict, predict_fast, verify_file
+
+    rng = np.random.default_rng(4)
+    m = _soc_onnx(_skew32(rng, 2), 5)
+    p = tmp_path / "soc.onnx"
+    onnx.save(m, str(p))
+    _, g = load(p)
+    a = analyze(g)
+    x = rng.uniform(0, 1, size=(8, 2, 5, 5)).astype(np.float32)
+    f64, e64 = predict(g, x, a.node_bounds)
+    f32, e32 = predict_fast(g, x, a.node_bounds)
+    assert np.all(np.linalg.norm(f32 - f64, axis=1) <= e32 + e64)
+    with pytest.raises(UsageError, match="poly|h0|Add"):
+        _require_certifiable(g, m)
+    ds = Dataset(x, np.zeros(8, dtype=np.int64), "rand", 3)
+    with pytest.raises(UnsupportedModelError, match="float32"):
+        verify_file(p, ds, 0.01, semantics="float32")
