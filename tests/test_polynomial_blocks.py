@@ -102,6 +102,32 @@ def test_same_conv_adjoint_identity(c, k, d, n):
     assert not is_skew(LinearNode("A", "Conv", (c, n, n), (c, n, n), op=_conv(S2, n, dil=d)))
 
 
+def test_skew_check_never_claims_a_non_skew_geometry():
+    """Attacker's view: random geometries (rectangular kernels and grids,
+    dilations, paddings, half of them symmetric 'same') with kernels skew in
+    their values: is_skew only where the explicit matrix is skew."""
+    rng = np.random.default_rng(1)
+    claimed = 0
+    for _ in range(300):
+        c = int(rng.integers(1, 4))
+        kh, kw, dh, dw = (int(v) for v in rng.integers(1, 5, 4))
+        H, W = (int(v) for v in rng.integers(1, 7, 2))
+        pads = tuple(int(v) for v in rng.integers(0, 5, 4))
+        if rng.random() < 0.5 and dh * (kh - 1) % 2 == 0 and dw * (kw - 1) % 2 == 0:
+            pads = (dh * (kh - 1) // 2, dw * (kw - 1) // 2) * 2
+        K = _skew_kernel(rng, c, kh, kw)
+        try:
+            op = Conv2d(K, (c, H, W), (1, 1), pads, (dh, dw), 1)
+        except ValueError:
+            continue
+        lin = LinearNode("A", "Conv", op.input_shape, op.output_shape, op=op)
+        if is_skew(lin):
+            M = _matrix(op)
+            assert np.array_equal(M.T, -M), (c, kh, kw, dh, dw, H, W, pads)
+            claimed += 1
+    assert claimed > 50
+
+
 def _coefficient_sets(rng):
     """(q, rho, |q(i theta)| increasing on [0, rho]): then the sup sits at
     theta = ||A||, an eigenvalue's modulus, and the bound is tight to the true norm."""

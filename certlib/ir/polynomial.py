@@ -35,6 +35,8 @@ REL_TOL = Fraction(1, 10 ** 12)
 #: at most this many piece evaluations per block (the bound stays sound, only looser)
 MAX_PIECES = 4000
 MAX_DEGREE = 64
+#: results above this are left to the composition rule (no overflow in rounding up)
+HUGE = Fraction(2) ** 1000
 
 
 def _same_op(p, q) -> bool:
@@ -221,6 +223,8 @@ def polynomial_bound(node: ParallelNode, op_bound) -> tuple[float, str] | None:
         if e:          # |exact - stored| <= e |exact| <= e/(1-e) |stored|
             charge += Fraction(e) / (1 - Fraction(e)) * abs(Fraction(c)) * R ** d
     sq, evals = sup_bound(q, rho)
+    if sq > HUGE or charge > HUGE:      # not a finite double: the composition rule stands
+        return None
     value = up_sqrt(_up_float(sq))
     if charge:
         value = up(value + _up_float(charge))
