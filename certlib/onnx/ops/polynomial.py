@@ -30,6 +30,7 @@ refused with the nodes named.
 
 from __future__ import annotations
 
+import heapq
 from fractions import Fraction
 
 import numpy as np
@@ -78,27 +79,36 @@ def _region(nodes, ctx: Ctx, t: str, readers: dict, outs: set):
     not series-parallel, and its exit tensor; None when the smallest valid
     region is series-parallel (the walker's business) or none exists."""
     tensors, grown = {t}, []
-    for i, n in enumerate(nodes):
+    heap = sorted(set(readers.get(t, [])))
+    seen = set(heap)
+    while heap:     # graph order: every producer of a node's inputs is visited before it
+        i = heapq.heappop(heap)
+        n = nodes[i]
         if _eligible(n, ctx, tensors):
             grown.append(i)
             tensors.add(n.output[0])
+            for r in readers.get(n.output[0], []):
+                if r not in seen:
+                    seen.add(r)
+                    heapq.heappush(heap, r)
     if t in outs:
         return None
-    for j in range(1, len(grown) + 1):
-        S = set(grown[:j])
-        if not set(readers.get(t, [])) <= S:
-            continue
-        exits, twice = [], False
-        for i in grown[:j]:
-            o = nodes[i].output[0]
-            rd = readers.get(o, [])
-            if o in outs or not rd or not set(rd) <= S:
-                exits.append(o)
-            elif len(rd) >= 2:
-                twice = True
-        if len(exits) != 1 or exits[0] != nodes[grown[j - 1]].output[0]:
-            continue
-        return (grown[:j], exits[0]) if twice else None
+    inside: dict = {}          # tensor -> reads by the prefix so far
+    open_, multi = set(), set()  # produced tensors read outside the prefix (or outputs); read twice
+    for j, i in enumerate(grown):
+        n = nodes[i]
+        for x in n.input:
+            if x:
+                inside[x] = inside.get(x, 0) + 1
+                if x in open_ and inside[x] == len(readers.get(x, [])) and x not in outs:
+                    open_.discard(x)
+        o = n.output[0]
+        rd = readers.get(o, [])
+        open_.add(o)            # its readers come later in graph order (or none: a dead end)
+        if len(rd) >= 2:
+            multi.add(o)
+        if inside.get(t, 0) == len(readers.get(t, [])) and open_ == {o}:
+            return (grown[:j + 1], o) if multi - {o} else None
     return None
 
 
