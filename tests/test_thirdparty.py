@@ -54,13 +54,8 @@ N_CERT = 96      # samples certified and attacked (the CLI's --limit)
 #: exporter emits that certlib does not import yet (when the handler lands the
 #: case XPASSes; then drop it from here).
 PENDING: dict = {
-    # SOC's truncated series out = x + z1 + ... + z6, z_i = conv_L(z_{i-1}) / i:
-    # every z_i feeds both the next conv and the running sum, so the branches of
-    # one tensor meet at two different Adds (not series-parallel).  The whole
-    # region is linear (one conv: the polynomial of L); collapsing linear DAG
-    # regions into one operator would import it.  The exported operator's exact
-    # norm is 1 + 6.6e-7 (truncation at 6 terms, ||L|| = 1/2).
-    "zoo_soc_taylor": "Conv, Div, Add chain whose partial results all feed the sum (not series-parallel)",
+    # (empty: SOC's truncated series, not series-parallel, is imported as a
+    # polynomial of its skew convolution; proofs/polynomial_blocks.md)
 }
 
 

@@ -27,6 +27,7 @@ from certlib.ir.graph import (U64, AffineNode, Graph, LinearNode, ParallelBound,
 from certlib.verifiers.operators import Dense
 from certlib.ir.op_bounds import (DENSE_LIMIT, METHODS, SDP_MAX_DIM, _explicit_for,  # noqa: F401
                                _sdp_preflight, _verifier, conv_matrix)
+from certlib.ir.polynomial import polynomial_bound
 from certlib.ir.residual import block_rule
 from certlib.ir.fold import _chain_items, _fold_circular, _fold_rel, _fold_rounding_margin, _scale_vector
 from certlib.ir.blocks import (_sum_rounding_margin, conv_norm_cheap, fuse_linear_branches, is_crelu,  # noqa: F401
@@ -204,7 +205,10 @@ class _Bounder:
             for L in totals:
                 value = up_add(value, L)
             res = None if self.estimate_only or value <= 1.0 else block_rule(node, self.op_bound)
-            if res is not None and res[0] < value:   # x + A s(Bx + b) as one block
+            poly = None if self.estimate_only else polynomial_bound(node, self.op_bound)
+            if poly is not None and (res is None or poly[0] < res[0]):   # q(A), A skew: one normal operator
+                res = poly
+            if res is not None and res[0] < value:   # x + A s(Bx + b) or q(A) as one block
                 nb = ParallelBound(res[0], inner)
                 nb.how = res[1]
                 return res[0], nb
