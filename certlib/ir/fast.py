@@ -198,6 +198,9 @@ class FastGraph:
     #: the dtype each node runs in (float64 for the cheap linear nodes of a
     #: float32 forward, see CHEAP_SHARE); None: all ``dtype``
     dtypes: list | None = None
+    #: per node, theta >= the float64 path's rounding term over this forward's
+    #: at equal input norms (:func:`theta`); None: 1 for every node
+    thetas: list | None = None
 
 
 def mixed(fg) -> bool:
@@ -226,7 +229,35 @@ def prepare(g: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = t
             return None
         prepared.append(p)
         dtypes.append(cur)
-    return FastGraph(g, prepared, device, dtype, dtypes)
+    return FastGraph(g, prepared, device, dtype, dtypes, [theta(n, p, d) for n, p, d in zip(g.nodes, prepared, dtypes)])
+
+
+def theta(node, p, dt) -> float:
+    """An upper bound on (the float64 path's rounding term of ``node``) / (this
+    forward's term), at equal input norms (proofs/fast_forward.md, "Identical
+    decisions"): the ratio of the dot-product coefficients (u = 2^-53 against
+    v = 2^-24 with chunks), times || |W| || / || |K'| || for an identity
+    split; 1 for a node run in float64 and for terms that do not shrink with
+    the precision (stored-constant errors, activations, merged blocks)."""
+    if dt != torch.float32:
+        return 1.0
+    if isinstance(node, LinearNode) and isinstance(p, _Lin):
+        if p.const_rel or p.const_abs:
+            return 1.0
+        g = gamma(node.terms())
+        path = (g / (1 - g)) * (1 + g) * (1 + gamma(p.out_entries + 2))   # graph.LinearNode.apply and _norms
+        ratio = 1.0
+        if p.split:
+            op = node.op
+            full = abs_norm_bound(op.weight if isinstance(op, Dense) else op.kernel, not isinstance(op, Dense),
+                                  getattr(op, "groups", 1))
+            ratio = max(1.0, up(full / p.A))
+        return min(1.0, up(path * ratio / p.coef * (1 + 16 * U64)))
+    if isinstance(node, AffineNode) and isinstance(p, tuple) and p[0] == "affine" and not p[7]:
+        # graph.AffineNode.apply: (|s x|(1 + u) + |t|)(2u + c)(1 + 4u), then _norms
+        path = (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 4 * U64) * (1 + gamma(p[6] + 2))
+        return min(1.0, up(path / p[5] * (1 + 16 * U64)))
+    return 1.0
 
 
 @contextlib.contextmanager
@@ -390,10 +421,13 @@ def _parallel(node: ParallelNode, inner_p, h, bound, hn, u):
     return out, sum(errs) * (1 + 4 * U64)
 
 
-def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
+def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list, other: bool = False):
     """Logits in ``fg.dtype`` (float32, or float64 for the a priori float64
     tier; returned as float64 numpy, exactly) and a per-sample bound on their
-    l2 distance to the exact-arithmetic logits of the IR."""
+    l2 distance to the exact-arithmetic logits of the IR.  ``other``: also a
+    per-sample upper bound on the error bound that the float64 path
+    (``Graph.forward``) reports for the same samples (proofs/fast_forward.md,
+    "Identical decisions"; inf where its conditions fail)."""
     with torch.no_grad(), ieee_float32():
         h = torch.as_tensor(np.asarray(x), device=fg.device).to(fg.dtype)
         # the input itself: float64 data rounded to float32 (relative u each), measured
@@ -401,7 +435,11 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
         err = _norm_up(h.cpu().double() - x64) * (1 + 2 * U64)  # + the subtraction's rounding
         hn = _norm_up(h)
         err = _void(err, hn)
-        for node, p, nb, dt in zip(fg.graph.nodes, fg.prepared, node_bounds, fg.dtypes or [fg.dtype] * len(fg.prepared)):
+        # the float64 path's error so far: its input is exact (0)
+        eo = torch.zeros_like(err)
+        thetas = fg.thetas or [1.0] * len(fg.prepared)
+        for node, p, nb, dt, th in zip(fg.graph.nodes, fg.prepared, node_bounds,
+                                       fg.dtypes or [fg.dtype] * len(fg.prepared), thetas):
             if h.dtype != dt:
                 if dt == torch.float32:
                     # float64 -> float32: |fl32(v) - v| <= u|v| + t per entry
@@ -409,12 +447,18 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
                 h = h.to(dt)
                 hn = _norm_up(h)
                 err = _void(err, hn)
+            # the float64 path's input to this node has norm <= hn + err + eo <= 2 hn
+            near = (err + eo) <= hn
             h, rnd, on = _apply_n(node, p, h, nb, hn)
             hn = hn if _keeps_norm(node, p) else (on if on is not None else _norm_up(h))
             err = _void((err * float(nb) + rnd) * (1 + 4 * U64), hn)
+            eo = torch.where(near, (eo * float(nb) + rnd * (2 * th)) * (1 + 4 * U64), torch.full_like(eo, math.inf))
         out = h.double().cpu().numpy()
     err = err.numpy()
-    err = np.where(np.isfinite(err) & np.all(np.isfinite(out), axis=1), err, np.inf)
+    fin = np.isfinite(err) & np.all(np.isfinite(out), axis=1)
+    err = np.where(fin, err, np.inf)
+    if other:
+        return out, err, np.where(fin & np.isfinite(eo.numpy()), eo.numpy(), np.inf)
     return out, err
 
 
