@@ -100,18 +100,18 @@ def predict(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progres
     return _batched(lambda xb: g.forward(xb, node_bounds), x, batch_size, progress, g.num_classes)
 
 
-def _batched(forward, x: np.ndarray, batch_size: int, progress, num_classes: int):
-    """(logits, per-sample error bounds) of ``forward`` over ``x`` in batches."""
-    outs, errs = [], []
+def _batched(forward, x: np.ndarray, batch_size: int, progress, num_classes: int, parts: int = 2):
+    """(logits, per-sample error bounds[, more per-sample arrays]) of
+    ``forward`` over ``x`` in batches."""
+    got = [[] for _ in range(parts)]
     for i in range(0, len(x), batch_size):
-        o, e = forward(x[i:i + batch_size])
-        outs.append(o)
-        errs.append(e)
+        for acc, v in zip(got, forward(x[i:i + batch_size])):
+            acc.append(v)
         if progress is not None:
             progress(min(i + batch_size, len(x)))
-    if not outs:
-        return np.zeros((0, num_classes)), np.zeros(0)
-    return np.concatenate(outs), np.concatenate(errs)
+    if not got[0]:
+        return (np.zeros((0, num_classes)),) + tuple(np.zeros(0) for _ in range(parts - 1))
+    return tuple(np.concatenate(acc) for acc in got)
 
 
 def resolve_device(device: str | None) -> str:
@@ -131,10 +131,13 @@ def resolve_device(device: str | None) -> str:
 
 
 def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progress=None,
-                 device: str = "cpu", dtype=None, cache: dict | None = None, info: dict | None = None):
+                 device: str = "cpu", dtype=None, cache: dict | None = None, info: dict | None = None,
+                 other: bool = False):
     """Float32 (or ``dtype``) logits with a priori error bounds
     (proofs/fast_forward.md), or None when the graph is outside the error model.
-    ``info`` (a dict) receives ``mixed``: whether some nodes ran in float64."""
+    ``info`` (a dict) receives ``mixed``: whether some nodes ran in float64.
+    ``other``: also a per-sample bound on the float64 path's error bound
+    (``forward32(..., other=True)``)."""
     import torch
 
     from certlib.ir.fast import forward32, mixed, prepare
@@ -151,7 +154,8 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
         return None
     if info is not None:
         info["mixed"] = mixed(fg)
-    return _batched(lambda xb: forward32(fg, xb, node_bounds), x, batch_size, progress, g.num_classes)
+    return _batched(lambda xb: forward32(fg, xb, node_bounds, other), x, batch_size, progress, g.num_classes,
+                    3 if other else 2)
 
 
 def check_data(g: Graph, sample_shape, labels=None) -> None:
@@ -283,10 +287,10 @@ def certify_arrays(g: Graph, a: Analysis, x: np.ndarray, y: np.ndarray, eps: flo
                                          lambda j: exact64(np.asarray(idx)[j]), other=2.0)
             return f, e
 
-        # a forward with float64 nodes: their a priori terms bound the float64
-        # path's at most twice, as the float64 tier's do (proofs/fast_forward.md)
-        out.result, logits, err, redo = certify_fast(*fast_out, y, a.K, a.body, eps, tier64,
-                                                     other=2.0 if info.get("mixed") else 1.0)
+        # fast_out's third array bounds the float64 path's error bound per
+        # sample (proofs/fast_forward.md, "Identical decisions")
+        f32, e32, e_other = fast_out
+        out.result, logits, err, redo = certify_fast(f32, e32, y, a.K, a.body, eps, tier64, other=e_other)
         out.fast = {"float32": True, "recomputed_float64": int(len(redo)),
                     "float32_skipped": int(info.get("skipped", 0)),
                     "float64_path": int(counts.get("float64_path", 0))}
@@ -313,21 +317,24 @@ def _fast_with_probe(g, a, x, eps, batch_size, fwd_progress, device, cache, info
     from certlib.fast_certify import settled
 
     if len(x) < 4 * PROBE:
-        return predict_fast(g, x, a.node_bounds, batch_size, fwd_progress, device, cache=cache, info=info)
-    head = predict_fast(g, x[:PROBE], a.node_bounds, batch_size, None, device, cache=cache, info=info)
+        return predict_fast(g, x, a.node_bounds, batch_size, fwd_progress, device, cache=cache, info=info,
+                            other=True)
+    head = predict_fast(g, x[:PROBE], a.node_bounds, batch_size, None, device, cache=cache, info=info, other=True)
     if head is None:
         return None
-    ok, _ = settled(*head, a.K, eps, 2.0 if info.get("mixed") else 1.0)
+    ok, _ = settled(head[0], head[1], a.K, eps, head[2])
     if ok.mean() < PROBE_SETTLED:
         info["skipped"] = len(x) - PROBE
         f = np.concatenate([head[0], np.zeros((len(x) - PROBE, head[0].shape[1]))])
         e = np.concatenate([head[1], np.full(len(x) - PROBE, np.inf)])   # never settled: the float64 tier
+        eo = np.concatenate([head[2], np.full(len(x) - PROBE, np.inf)])
         if fwd_progress is not None:
             fwd_progress(len(x))
-        return f, e
+        return f, e, eo
     rest = predict_fast(g, x[PROBE:], a.node_bounds, batch_size,
-                        (lambda k: fwd_progress(PROBE + k)) if fwd_progress else None, device, cache=cache)
-    return np.concatenate([head[0], rest[0]]), np.concatenate([head[1], rest[1]])
+                        (lambda k: fwd_progress(PROBE + k)) if fwd_progress else None, device, cache=cache,
+                        other=True)
+    return tuple(np.concatenate([h, r]) for h, r in zip(head, rest))
 
 
 def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:

@@ -374,3 +374,66 @@ def test_identity_split_against_the_explicit_matrix(geo):
     if rest is not None:
         K = dataclasses.replace(op, kernel=rest).to_dense()
         assert np.array_equal(op.to_dense(), np.eye(op.to_dense().shape[0]) + K)
+
+
+def _with_const_errors(g, rho=1e-6):
+    """g with a stored-constant error on the first conv's bias and an Add
+    node charging a shift error (terms that do not shrink with the precision)."""
+    import copy
+
+    from certlib.ir.graph import AffineNode, LinearNode
+    g = copy.deepcopy(g)
+    i = next(k for k, n in enumerate(g.nodes) if isinstance(n, LinearNode) and isinstance(n.op, Conv2d))
+    c = g.nodes[i].op.kernel.shape[0]
+    g.nodes[i].bias = np.full(c, 0.5) if g.nodes[i].bias is None else g.nodes[i].bias
+    g.nodes[i].bias_abs_err = np.full(c, rho)
+    shape = g.nodes[i].out_shape
+    g.nodes.insert(i + 1, AffineNode("a", "Add", shape, shape, scale=np.ones(1), shift=np.full((shape[0], 1, 1), 0.25),
+                                     shift_abs_err=np.full((shape[0], 1, 1), rho)))
+    return g
+
+
+@pytest.mark.parametrize("case", ["digits", "cifar_mixed", "const_errors", "float64_tier"])
+def test_other_bound_covers_the_float64_paths_reported_error(digits, case):
+    """forward32(..., other=True)'s third output bounds the error bound that
+    the float64 path reports (the band of fast_certify.settled needs exactly
+    that), and is far below the float32 bound where the float32 terms dominate."""
+    dtype = torch.float32
+    if case == "digits":
+        g, x = _graph("digits", 0, width=16, depth=2), digits.x[:64]
+    elif case == "const_errors":
+        g, x = _with_const_errors(_graph("digits", 0, width=16, depth=2)), digits.x[:64]
+    else:
+        g = _graph("cifar10", 1, width=64, depth=4, dense_dim=64)
+        x = np.random.default_rng(0).random((8, *g.input_shape)).astype(np.float32)
+        dtype = torch.float64 if case == "float64_tier" else dtype
+    a = analyze(g, "exact")
+    fg = fast.prepare(g, "cpu", dtype)
+    f32, e32, e_other = fast.forward32(fg, x, a.node_bounds, other=True)
+    _, e64 = predict(g, x, a.node_bounds)
+    assert np.all(np.isfinite(e_other))
+    assert np.all(e64 <= e_other)
+    if case == "float64_tier":
+        assert np.all(e_other <= 2 * e32 * (1 + 1e-12))   # theta = 1 everywhere: the old other = 2
+    elif case == "digits":
+        assert np.all(e_other <= e32 * 2.0 ** -15)        # the precision terms shrink by ~2^-29
+    else:
+        assert np.all(e_other < e32)
+
+
+def test_other_bound_is_void_when_the_float32_error_rivals_the_activations():
+    """The ratio argument needs the float64 path's activations within twice the
+    float32 ones' norm: where the float32 error bound exceeds the activation
+    norm, the bound on the float64 path's error is inf (the sample falls back)."""
+    g = _graph("digits", 0, width=16, depth=2)
+    a = analyze(g, "exact")
+    fg = fast.prepare(g)
+    x = np.zeros((2, *g.input_shape), dtype=np.float32)
+    x[1] = 1e-30   # (the data is exact in float32: no input rounding)
+    f, e, eo = fast.forward32(fg, x, a.node_bounds, other=True)
+    _, e64 = predict(g, x, a.node_bounds)
+    assert np.all(e64 <= eo)
+    fg.thetas = None
+    huge = [1e4] * len(a.node_bounds)
+    _, e_h, eo_h = fast.forward32(fg, np.random.default_rng(0).random((2, *g.input_shape)), huge, other=True)
+    assert np.all(np.isfinite(e_h)) and np.all(np.isinf(eo_h))

@@ -198,6 +198,9 @@ class FastGraph:
     #: the dtype each node runs in (float64 for the cheap linear nodes of a
     #: float32 forward, see CHEAP_SHARE); None: all ``dtype``
     dtypes: list | None = None
+    #: per node, theta >= the float64 path's rounding term over this forward's
+    #: at equal input norms (:func:`theta`); None: 1 for every node
+    thetas: list | None = None
 
 
 def mixed(fg) -> bool:
@@ -226,7 +229,35 @@ def prepare(g: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = t
             return None
         prepared.append(p)
         dtypes.append(cur)
-    return FastGraph(g, prepared, device, dtype, dtypes)
+    return FastGraph(g, prepared, device, dtype, dtypes, [theta(n, p, d) for n, p, d in zip(g.nodes, prepared, dtypes)])
+
+
+def theta(node, p, dt) -> float:
+    """An upper bound on (the float64 path's rounding term of ``node``) / (this
+    forward's term), at equal input norms (proofs/fast_forward.md, "Identical
+    decisions"): the ratio of the dot-product coefficients (u = 2^-53 against
+    v = 2^-24 with chunks), times || |W| || / || |K'| || for an identity
+    split; 1 for a node run in float64 and for terms that do not shrink with
+    the precision (stored-constant errors, activations, merged blocks)."""
+    if dt != torch.float32:
+        return 1.0
+    if isinstance(node, LinearNode) and isinstance(p, _Lin):
+        if p.const_rel or p.const_abs:
+            return 1.0
+        g = gamma(node.terms())
+        path = (g / (1 - g)) * (1 + g) * (1 + gamma(p.out_entries + 2))   # graph.LinearNode.apply and _norms
+        ratio = 1.0
+        if p.split:
+            op = node.op
+            full = abs_norm_bound(op.weight if isinstance(op, Dense) else op.kernel, not isinstance(op, Dense),
+                                  getattr(op, "groups", 1))
+            ratio = max(1.0, up(full / p.A))
+        return min(1.0, up(path * ratio / p.coef * (1 + 16 * U64)))
+    if isinstance(node, AffineNode) and isinstance(p, tuple) and p[0] == "affine" and not p[7]:
+        # graph.AffineNode.apply: (|s x|(1 + u) + |t|)(2u + c)(1 + 4u), then _norms
+        path = (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 4 * U64) * (1 + gamma(p[6] + 2))
+        return min(1.0, up(path / p[5] * (1 + 16 * U64)))
+    return 1.0
 
 
 @contextlib.contextmanager
@@ -252,15 +283,46 @@ def ieee_float32():
 
 
 def _norm_up(h: torch.Tensor) -> torch.Tensor:
-    """Per-sample upper bound (float64, on CPU) on the l2 norm of a float32
-    batch: converted exactly to float64, squared, summed, sqrt (gamma_{n+2})."""
+    """Per-sample upper bound (float64, on CPU) on the l2 norm of a batch
+    (proofs/fast_forward.md, "Norms").  Float32: the squares and their sum in
+    float32 over J chunks of the row (gamma_{n/J + J + 1} for any order, FMA or
+    not), each square and addition losing at most 2^-125 below the normal
+    range; float64: converted, squared and summed in float64 (gamma_{n+2})."""
     flat = h.reshape(h.shape[0], -1)
     n = flat.shape[1]
     if len(flat) == 0:
         return torch.zeros(0, dtype=torch.float64)
+    if flat.dtype == torch.float32 and n >= 64:
+        J = _norm_chunks(n)
+        s = (flat * flat).reshape(len(flat), J, n // J).sum(dim=2).sum(dim=1).double().cpu()
+        g = gamma32(n // J + J + 1)
+        # sum x^2 <= (s + 2 n t) / (1 - gamma): the float64 steps rounded up by (1 + 8 u64)
+        return ((s + 2 * n * TINY32) / (1 - g)).sqrt() * (1 + 8 * U64)
     s = torch.cat([c.double().square().sum(dim=1) for c in flat.split(16)])
     # + an allowance for squares below the normal range (float64 inputs)
     return (s.sqrt() * (1 + 2 * gamma(n + 2)) + math.sqrt(n * (n + 2)) * 2.0 ** -537).cpu()
+
+
+def _norm_chunks(n: int) -> int:
+    """The largest divisor of n not above sqrt(n): the row sums in that many chunks."""
+    for j in range(math.isqrt(n), 0, -1):
+        if n % j == 0:
+            return j
+    return 1  # pragma: no cover
+
+
+#: exact activations whose output norm is at most their input norm (a
+#: permutation of the entries, their absolute values, or ReLU): the computed
+#: input's norm bound also bounds the output's, so it is not recomputed
+NORM_KEEPING = {"relu", "minmax", "minmax_rev", "minmax_pairs", "minmax_pairs_rev", "abs", "groupsort"}
+
+
+def _keeps_norm(node, p) -> bool:
+    if isinstance(node, ReshapeNode):
+        return True
+    if isinstance(node, IndexNode):
+        return node.fn != "gather" and float(node.lipschitz) == 1.0
+    return isinstance(node, ActivationNode) and p == ("exact",) and node.activation in NORM_KEEPING
 
 
 def _void(err: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
@@ -285,29 +347,38 @@ def _linear32(node: LinearNode, p: _Lin, h: torch.Tensor) -> torch.Tensor:
 def _apply(node, p, h: torch.Tensor, bound, hn: torch.Tensor):
     """(float32 output, per-sample bound on this node's own rounding error);
     ``hn`` bounds the per-sample norm of the computed input h."""
+    y, rnd, _ = _apply_n(node, p, h, bound, hn)
+    return y, rnd
+
+
+def _apply_n(node, p, h: torch.Tensor, bound, hn: torch.Tensor):
+    """:func:`_apply`, and a bound on the output's norm where the node already
+    computed one (else None)."""
     if isinstance(node, LinearNode):
         y = _linear32(node, p, h)
         tiny = math.sqrt(p.out_entries) * p.terms * TINY32
         rnd = (hn * p.A + p.B) * p.coef + tiny
+        yn = None
         if p.split:
             # y = fl(x + c), c = fl(K'x + b): |y - (x + c)| <= u/(1-u) (|y| + t) + t
             y = y + h
-            rnd = (rnd + _norm_up(y) * (p.u / (1 - p.u)) + math.sqrt(p.out_entries) * 3 * TINY32) * (1 + 4 * U64)
+            yn = _norm_up(y)
+            rnd = (rnd + yn * (p.u / (1 - p.u)) + math.sqrt(p.out_entries) * 3 * TINY32) * (1 + 4 * U64)
         if p.const_rel or p.const_abs or p.sub:
             rnd = (rnd + hn * (p.const_rel + p.sub) + p.const_abs) * (1 + 4 * U64)
-        return y, rnd
+        return y, rnd, yn
     if isinstance(node, AffineNode):
         _, s, t, smax, tn, k, entries, shift_err, sub = p
         y = h * s + t
         rnd = (hn * smax + tn) * k + math.sqrt(entries) * 2 * TINY32
         if sub:
             rnd = (rnd + hn * sub) * (1 + 4 * U64)
-        return y, (rnd + shift_err) * (1 + 4 * U64) if shift_err else rnd
+        return y, (rnd + shift_err) * (1 + 4 * U64) if shift_err else rnd, None
     if isinstance(node, (ReshapeNode, IndexNode)):
-        return node.apply(h, False)[0], torch.zeros_like(hn)
+        return node.apply(h, False)[0], torch.zeros_like(hn), None
     if isinstance(node, ActivationNode):
         if p[0] == "exact":
-            return ACTIVATIONS[node.activation][0](h, node.params), torch.zeros_like(hn)
+            return ACTIVATIONS[node.activation][0](h, node.params), torch.zeros_like(hn), None
         prm = p[1]
         if node.activation == "prelu":
             y = torch.where(h >= 0, h, h * prm["slope"])
@@ -315,8 +386,9 @@ def _apply(node, p, h: torch.Tensor, bound, hn: torch.Tensor):
             y = torch.where(h >= 0, h, h * float(prm["alpha"]))
         # alpha*x rounds once: |err| <= u|exact| <= u/(1-u)|computed| (+ underflow)
         entries = int(np.prod(node.out_shape))
-        return y, _norm_up(y) * (p[2] * (1 + 2 * p[2])) + math.sqrt(entries) * TINY32
-    return _parallel(node, p[1], h, bound, hn, p[2])
+        yn = _norm_up(y)
+        return y, yn * (p[2] * (1 + 2 * p[2])) + math.sqrt(entries) * TINY32, yn
+    return (*_parallel(node, p[1], h, bound, hn, p[2]), None)
 
 
 def _parallel(node: ParallelNode, inner_p, h, bound, hn, u):
@@ -326,8 +398,8 @@ def _parallel(node: ParallelNode, inner_p, h, bound, hn, u):
         y, yn = h, hn
         e = torch.zeros_like(hn)
         for j, m in enumerate(br):
-            y, r = _apply(m, inner_p[k][j], y, inner[k][j], yn)
-            yn = _norm_up(y)
+            y, r, on = _apply_n(m, inner_p[k][j], y, inner[k][j], yn)
+            yn = yn if _keeps_norm(m, inner_p[k][j]) else (on if on is not None else _norm_up(y))
             L = float(inner[k][j]) if j > 0 else 1.0
             e = _void((e * L + r) * (1 + 4 * U64) if j > 0 else r, yn)
         outs.append(y)
@@ -349,10 +421,13 @@ def _parallel(node: ParallelNode, inner_p, h, bound, hn, u):
     return out, sum(errs) * (1 + 4 * U64)
 
 
-def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
+def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list, other: bool = False):
     """Logits in ``fg.dtype`` (float32, or float64 for the a priori float64
     tier; returned as float64 numpy, exactly) and a per-sample bound on their
-    l2 distance to the exact-arithmetic logits of the IR."""
+    l2 distance to the exact-arithmetic logits of the IR.  ``other``: also a
+    per-sample upper bound on the error bound that the float64 path
+    (``Graph.forward``) reports for the same samples (proofs/fast_forward.md,
+    "Identical decisions"; inf where its conditions fail)."""
     with torch.no_grad(), ieee_float32():
         h = torch.as_tensor(np.asarray(x), device=fg.device).to(fg.dtype)
         # the input itself: float64 data rounded to float32 (relative u each), measured
@@ -360,7 +435,11 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
         err = _norm_up(h.cpu().double() - x64) * (1 + 2 * U64)  # + the subtraction's rounding
         hn = _norm_up(h)
         err = _void(err, hn)
-        for node, p, nb, dt in zip(fg.graph.nodes, fg.prepared, node_bounds, fg.dtypes or [fg.dtype] * len(fg.prepared)):
+        # the float64 path's error so far: its input is exact (0)
+        eo = torch.zeros_like(err)
+        thetas = fg.thetas or [1.0] * len(fg.prepared)
+        for node, p, nb, dt, th in zip(fg.graph.nodes, fg.prepared, node_bounds,
+                                       fg.dtypes or [fg.dtype] * len(fg.prepared), thetas):
             if h.dtype != dt:
                 if dt == torch.float32:
                     # float64 -> float32: |fl32(v) - v| <= u|v| + t per entry
@@ -368,12 +447,18 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list):
                 h = h.to(dt)
                 hn = _norm_up(h)
                 err = _void(err, hn)
-            h, rnd = _apply(node, p, h, nb, hn)
-            hn = _norm_up(h)
+            # the float64 path's input to this node has norm <= hn + err + eo <= 2 hn
+            near = (err + eo) <= hn
+            h, rnd, on = _apply_n(node, p, h, nb, hn)
+            hn = hn if _keeps_norm(node, p) else (on if on is not None else _norm_up(h))
             err = _void((err * float(nb) + rnd) * (1 + 4 * U64), hn)
+            eo = torch.where(near, (eo * float(nb) + rnd * (2 * th)) * (1 + 4 * U64), torch.full_like(eo, math.inf))
         out = h.double().cpu().numpy()
     err = err.numpy()
-    err = np.where(np.isfinite(err) & np.all(np.isfinite(out), axis=1), err, np.inf)
+    fin = np.isfinite(err) & np.all(np.isfinite(out), axis=1)
+    err = np.where(fin, err, np.inf)
+    if other:
+        return out, err, np.where(fin & np.isfinite(eo.numpy()), eo.numpy(), np.inf)
     return out, err
 
 
