@@ -1,16 +1,21 @@
 """The constants of the fast path's a priori error bound (proofs/fast_forward.md):
 proven norms of |W|, the dot-product coefficient, the float32 charge of
 sub-normal weights, the chunked sums, the identity split of a residual
-convolution, and which linear nodes of a float32 forward run in float64."""
+convolution, which linear nodes of a float32 forward run in float64, the
+per-sample activation norms, the float64 path's share of each node's term
+(theta), and the floating-point conditions the model needs (ieee_float32)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 
 import numpy as np
+import torch
 
 from certlib.bounds import up
-from certlib.ir.graph import U64, LinearNode, ParallelNode, gamma
+from certlib.ir.graph import U64, ActivationNode, AffineNode, IndexNode, LinearNode, ParallelNode, ReshapeNode, gamma
 from certlib.verifiers.operators import Dense
 
 U32 = 2.0 ** -24        # unit roundoff of IEEE binary32, round to nearest
@@ -139,3 +144,127 @@ def _macs(node) -> int:
     if isinstance(node, ParallelNode):
         return sum(_macs(m) for br in node.branches for m in br)
     return 0
+
+
+#: absolute error of one float32 operation in the subnormal range, also with
+#: flush-to-zero (a result below 2^-126 replaced by 0); denormals-are-zero
+#: (subnormal inputs read as 0) is turned off by ieee_float32
+TINY32 = 2.0 ** -125
+
+@dataclasses.dataclass
+class _Lin:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    A: float          # >= || |W| ||_2
+    B: float          # >= || broadcast |b| ||_2 over the output
+    coef: float       # per-entry relative error of the output against W x + b
+    out_entries: int
+    terms: int
+    #: stored constants against the exact ones: weight_rel_err * A (per unit
+    #: of input norm) and the norm of the broadcast bias error
+    const_rel: float = 0.0
+    const_abs: float = 0.0
+    #: the kernel holds W - I (W = I + K' exactly): the node computes x + K'x
+    #: (proofs/fast_forward.md, "Identity split")
+    split: bool = False
+    u: float = U32
+    #: the input channels are summed in this many chunks (a grouped conv then a
+    #: sum of the partials): the dot product bound is gamma_{n/J + J}, not
+    #: gamma_n (proofs/fast_forward.md, "Chunked sums")
+    chunks: int = 1
+    #: stored weights below float32's normal range (|w| < 2^-126, not 0):
+    #: fl32(w) is off by up to 2^-150 absolutely (2^-126 flushed), not v|w|;
+    #: 2^-126 || |mask| ||_2 per unit of input norm
+    sub: float = 0.0
+
+def theta(node, p, dt) -> float:
+    """An upper bound on (the float64 path's rounding term of ``node``) / (this
+    forward's term), at equal input norms (proofs/fast_forward.md, "Identical
+    decisions"): the ratio of the dot-product coefficients (u = 2^-53 against
+    v = 2^-24 with chunks), times || |W| || / || |K'| || for an identity
+    split; 1 for a node run in float64 and for terms that do not shrink with
+    the precision (stored-constant errors, activations, merged blocks)."""
+    if dt != torch.float32:
+        return 1.0
+    if isinstance(node, LinearNode) and isinstance(p, _Lin):
+        if p.const_rel or p.const_abs:
+            return 1.0
+        g = gamma(node.terms())
+        path = (g / (1 - g)) * (1 + g) * (1 + gamma(p.out_entries + 2))   # graph.LinearNode.apply and _norms
+        ratio = 1.0
+        if p.split:
+            op = node.op
+            full = abs_norm_bound(op.weight if isinstance(op, Dense) else op.kernel, not isinstance(op, Dense),
+                                  getattr(op, "groups", 1))
+            ratio = max(1.0, up(full / p.A))
+        return min(1.0, up(path * ratio / p.coef * (1 + 16 * U64)))
+    if isinstance(node, AffineNode) and isinstance(p, tuple) and p[0] == "affine" and not p[7]:
+        # graph.AffineNode.apply: (|s x|(1 + u) + |t|)(2u + c)(1 + 4u), then _norms
+        path = (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 4 * U64) * (1 + gamma(p[6] + 2))
+        return min(1.0, up(path / p[5] * (1 + 16 * U64)))
+    return 1.0
+
+@contextlib.contextmanager
+def ieee_float32():
+    """The conditions the error model needs (proofs/fast_forward.md): no TF32
+    or bf16 reduced-precision GEMM/conv, no NNPACK (Winograd / FFT
+    convolution on CPU), cuDNN off (its algorithm choice includes Winograd and
+    FFT), so every output entry is an ordinary dot product: oneDNN's direct
+    convolution, im2col + GEMM, or a BLAS GEMM."""
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    torch.set_flush_denormal(False)   # no denormals-are-zero on the CPU (the error model's t covers FTZ only)
+    try:
+        with torch.backends.nnpack.flags(enabled=False), \
+                torch.backends.cudnn.flags(enabled=False, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev[0], prev[1]
+        torch.set_float32_matmul_precision(prev[2])
+
+def _norm_up(h: torch.Tensor) -> torch.Tensor:
+    """Per-sample upper bound (float64, on CPU) on the l2 norm of a batch
+    (proofs/fast_forward.md, "Norms").  Float32: the squares and their sum in
+    float32 over J chunks of the row (gamma_{n/J + J + 1} for any order, FMA or
+    not), each square and addition losing at most 2^-125 below the normal
+    range; float64: converted, squared and summed in float64 (gamma_{n+2})."""
+    flat = h.reshape(h.shape[0], -1)
+    n = flat.shape[1]
+    if len(flat) == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    if flat.dtype == torch.float32 and n >= 64:
+        J = _norm_chunks(n)
+        s = (flat * flat).reshape(len(flat), J, n // J).sum(dim=2).sum(dim=1).double().cpu()
+        g = gamma32(n // J + J + 1)
+        # sum x^2 <= (s + 2 n t) / (1 - gamma): the float64 steps rounded up by (1 + 8 u64)
+        return ((s + 2 * n * TINY32) / (1 - g)).sqrt() * (1 + 8 * U64)
+    s = torch.cat([c.double().square().sum(dim=1) for c in flat.split(16)])
+    # + an allowance for squares below the normal range (float64 inputs)
+    return (s.sqrt() * (1 + 2 * gamma(n + 2)) + math.sqrt(n * (n + 2)) * 2.0 ** -537).cpu()
+
+def _norm_chunks(n: int) -> int:
+    """The largest divisor of n not above sqrt(n): the row sums in that many chunks."""
+    for j in range(math.isqrt(n), 0, -1):
+        if n % j == 0:
+            return j
+    return 1  # pragma: no cover
+
+#: exact activations whose output norm is at most their input norm (a
+#: permutation of the entries, their absolute values, or ReLU): the computed
+#: input's norm bound also bounds the output's, so it is not recomputed
+NORM_KEEPING = {"relu", "minmax", "minmax_rev", "minmax_pairs", "minmax_pairs_rev", "abs", "groupsort"}
+
+def _keeps_norm(node, p) -> bool:
+    if isinstance(node, ReshapeNode):
+        return True
+    if isinstance(node, IndexNode):
+        return node.fn != "gather" and float(node.lipschitz) == 1.0
+    return isinstance(node, ActivationNode) and p == ("exact",) and node.activation in NORM_KEEPING
+
+def _void(err: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
+    """inf where the computed value's norm is not finite: an overflow hidden
+    later (ReLU(-inf) = 0, a max/min merge, a clip) must not keep a finite bound."""
+    return torch.where(torch.isfinite(hn), err, torch.full_like(err, math.inf))
