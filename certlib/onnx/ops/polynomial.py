@@ -36,7 +36,7 @@ from fractions import Fraction
 import numpy as np
 
 from certlib.ir.graph import U64, AffineNode, LinearNode, ParallelNode
-from certlib.onnx.ops.registry import HANDLERS, PATTERNS, Ctx, Skip, check_opset
+from certlib.onnx.ops.registry import HANDLERS, PATTERNS, Ctx, Skip, check_opset, node_maps
 
 #: ops a region may contain
 REGION_OPS = ("Conv", "Mul", "Div", "Add", "Sub", "Neg", "Identity")
@@ -44,16 +44,6 @@ REGION_OPS = ("Conv", "Mul", "Div", "Add", "Sub", "Neg", "Identity")
 MAX_DEGREE = 64
 #: stored coefficients must be normal doubles in [2^-1000, 2^1000] (relative error u)
 COEF_RANGE = (2.0 ** -1000, 2.0 ** 1000)
-
-
-def _maps(nodes):
-    prod = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    readers: dict = {}
-    for i, n in enumerate(nodes):
-        for t in n.input:
-            if t:
-                readers.setdefault(t, []).append(i)    # once per occurrence: Add(z, z) reads z twice
-    return prod, readers
 
 
 def _eligible(n, ctx: Ctx, tensors: set) -> bool:
@@ -115,7 +105,7 @@ def _region(nodes, ctx: Ctx, t: str, readers: dict, outs: set):
 def find_polynomial(nodes, ctx: Ctx) -> dict:
     """start node index -> (consumed node indices, emit(ctx)) for every
     non-series-parallel linear polynomial region."""
-    prod, readers = _maps(nodes)
+    prod, readers = node_maps(nodes)
     outs = {o.name for o in ctx.model.graph.output}
     found, used = {}, set()
     starts = [t for t, rd in readers.items() if t not in ctx.consts and len(rd) >= 2]

@@ -243,3 +243,15 @@ def _per_sample(const: np.ndarray, shape: tuple, node) -> np.ndarray:
     while c.ndim > len(shape):
         c = c[0]
     return c
+
+
+def node_maps(nodes):
+    """(tensor -> index of the node producing it, tensor -> indices of the
+    nodes reading it, once per occurrence: Add(z, z) reads z twice)."""
+    prod = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    readers: dict = {}
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            if t:
+                readers.setdefault(t, []).append(i)
+    return prod, readers

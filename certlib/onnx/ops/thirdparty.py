@@ -30,17 +30,7 @@ from certlib.ir.graph import IndexNode
 from certlib.ir.norm_ops import MAX_TAPS, CenterNode, L2PoolNode
 from certlib.onnx.ops import shape as shp
 from certlib.onnx.ops.patterns import _closed
-from certlib.onnx.ops.registry import PATTERNS, Skip, _attrs, _emit, sample_axis
-
-
-def _maps(nodes):
-    prod = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    readers: dict = {}
-    for i, n in enumerate(nodes):
-        for t in n.input:
-            if t:
-                readers.setdefault(t, []).append(i)
-    return prod, readers
+from certlib.onnx.ops.registry import PATTERNS, Skip, _attrs, _emit, node_maps, sample_axis
 
 
 def _const_scalar(ctx, name: str):
@@ -53,7 +43,7 @@ def _const_scalar(ctx, name: str):
 def _safe(finder):
     def run(nodes, ctx):
         out, used = {}, set()
-        prod, readers = _maps(nodes)
+        prod, readers = node_maps(nodes)
         for i, n in enumerate(nodes):
             try:
                 got = finder(nodes, ctx, prod, readers, i)
