@@ -132,21 +132,22 @@ def resolve_device(device: str | None) -> str:
 
 def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, progress=None,
                  device: str = "cpu", dtype=None, cache: dict | None = None, info: dict | None = None,
-                 other: bool = False):
+                 other: bool = False, chunked: bool = True):
     """Float32 (or ``dtype``) logits with a priori error bounds
     (proofs/fast_forward.md), or None when the graph is outside the error model.
     ``info`` (a dict) receives ``mixed``: whether some nodes ran in float64.
     ``other``: also a per-sample bound on the float64 path's error bound
-    (``forward32(..., other=True)``)."""
+    (``forward32(..., other=True)``); ``chunked``: as in ``fast.prepare``.
+    ``info`` also receives ``unchunk_ratio`` (``FastGraph.unchunk_ratio``)."""
     import torch
 
     from certlib.ir.fast import forward32, mixed, prepare
 
     # ``cache`` (a dict the caller keeps for one run of one unchanged graph): prepared once per
     # (device, dtype), as a streamed run calls this for every batch
-    key = (str(device), dtype or torch.float32)
+    key = (str(device), dtype or torch.float32, chunked)
     if cache is None or key not in cache:
-        fg = prepare(g, device, dtype or torch.float32)
+        fg = prepare(g, device, dtype or torch.float32, chunked)
         if cache is not None:
             cache[key] = fg
     fg = cache[key] if cache is not None else fg
@@ -154,6 +155,7 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
         return None
     if info is not None:
         info["mixed"] = mixed(fg)
+        info["unchunk_ratio"] = fg.unchunk_ratio
     return _batched(lambda xb: forward32(fg, xb, node_bounds, other), x, batch_size, progress, g.num_classes,
                     3 if other else 2)
 
@@ -293,6 +295,7 @@ def certify_arrays(g: Graph, a: Analysis, x: np.ndarray, y: np.ndarray, eps: flo
         out.result, logits, err, redo = certify_fast(f32, e32, y, a.K, a.body, eps, tier64, other=e_other)
         out.fast = {"float32": True, "recomputed_float64": int(len(redo)),
                     "float32_skipped": int(info.get("skipped", 0)),
+                    "float32_unchunked": bool(info.get("unchunked", False)),
                     "float64_path": int(counts.get("float64_path", 0))}
     elif estimate_only:
         out.estimated_vra = estimate_vra(logits, y, a.K, eps)
@@ -309,8 +312,11 @@ def certify_arrays(g: Graph, a: Analysis, x: np.ndarray, y: np.ndarray, eps: flo
 #: the float32 forward is first run on this many samples; when it settles
 #: fewer than PROBE_SETTLED of them, the rest go straight to the float64 tier
 #: (a model whose logit gaps are small against its float32 bound would pay for
-#: both).  Speed only: the float64 tier decides every sample it is given.
-PROBE, PROBE_SETTLED = 16, 0.25
+#: both); when its bound grown by the unchunked factor would still settle all
+#: but PROBE_UNCHUNK_LOSS of the settled ones, the rest run without chunked
+#: sums (one conv per layer, not a grouped conv and a sum).  Speed only: every
+#: plan's bound is proven, and the float64 tier decides every sample it is given.
+PROBE, PROBE_SETTLED, PROBE_UNCHUNK_LOSS = 16, 0.25, 1
 
 
 def _fast_with_probe(g, a, x, eps, batch_size, fwd_progress, device, cache, info):
@@ -331,9 +337,15 @@ def _fast_with_probe(g, a, x, eps, batch_size, fwd_progress, device, cache, info
         if fwd_progress is not None:
             fwd_progress(len(x))
         return f, e, eo
+    chunked = True
+    r = info.get("unchunk_ratio", 1.0)
+    if r > 1.0:   # would the plan without chunks settle about as many? (an over-estimate of its bound)
+        ok1, _ = settled(head[0], head[1] * r, a.K, eps, head[2] * r)
+        chunked = ok1.sum() < ok.sum() - PROBE_UNCHUNK_LOSS
+        info["unchunked"] = not chunked
     rest = predict_fast(g, x[PROBE:], a.node_bounds, batch_size,
                         (lambda k: fwd_progress(PROBE + k)) if fwd_progress else None, device, cache=cache,
-                        other=True)
+                        other=True, chunked=chunked)
     return tuple(np.concatenate([h, r]) for h, r in zip(head, rest))
 
 

@@ -110,7 +110,7 @@ def test_audit_not_proven_reports_the_gap(models, digits):
     assert rep.gap == pytest.approx(rep.proven / rep.empirical) and rep.gap >= 1.0
 
 
-@pytest.mark.parametrize("name", ["zoo_cpl_dense", "zoo_sll_dense", "orthogonium_sll_blocks",
+@pytest.mark.parametrize("name", ["zoo_cpl_dense", "zoo_sll_dense", "zoo_soc_taylor", "orthogonium_sll_blocks",
                                   "orthogonium_aoc_circular_legacy"])
 def test_audit_zoo_claims_proven(name, digits, tmp_path):
     """The zoo's 1-Lipschitz claims (trained briefly, exported, imported):

@@ -143,3 +143,40 @@ def test_other_bound_is_void_when_the_float32_error_rivals_the_activations():
     huge = [1e4] * len(a.node_bounds)
     _, e_h, eo_h = fast.forward32(fg, np.random.default_rng(0).random((2, *g.input_shape)), huge, other=True)
     assert np.all(np.isfinite(e_h)) and np.all(np.isinf(eo_h))
+
+
+def test_unchunked_plan_is_proven_and_its_estimate_is_an_over_estimate():
+    """prepare(chunked=False) runs long convolutions as one conv with its own
+    (larger) proven bound; unchunk_ratio times the chunked bound is above it
+    (the probe's plan choice relies on that, for speed only)."""
+    g = _graph("cifar10", 4, width=128, depth=2, dense_dim=32)
+    a = analyze(g, "exact")
+    x = np.random.default_rng(1).random((6, *g.input_shape)).astype(np.float32)
+    chunked, plain = fast.prepare(g), fast.prepare(g, chunked=False)
+    assert chunked.unchunk_ratio > 4 and plain.unchunk_ratio == 1.0
+    assert any(p.chunks > 1 for p in fast._lins(chunked.prepared))
+    assert all(p.chunks == 1 for p in fast._lins(plain.prepared))
+    f8, e8 = fast.forward32(chunked, x, a.node_bounds)
+    f1, e1 = fast.forward32(plain, x, a.node_bounds)
+    f64, e64 = predict(g, x, a.node_bounds)
+    for f, e in ((f8, e8), (f1, e1)):
+        assert np.all(np.linalg.norm(f - f64, axis=1) <= e + e64)
+    assert np.all(e8 < e1) and np.all(e1 <= e8 * chunked.unchunk_ratio)
+
+
+@pytest.mark.parametrize("loss", [1, -1])
+def test_probe_drops_the_chunks_when_they_do_not_change_the_decisions(monkeypatch, loss):
+    """Decisions far from the band: the probe runs the rest unchunked (unless
+    told to keep every settled sample: loss -1); decisions equal the float64
+    path's either way."""
+    import certlib.verify as v
+    from certlib.data import Dataset
+
+    monkeypatch.setattr(v, "PROBE_UNCHUNK_LOSS", loss)
+    g = _graph("cifar10", 4, bias_scale=50.0, width=128, depth=2, dense_dim=32)
+    rng = np.random.default_rng(2)
+    ds = Dataset(rng.random((4 * v.PROBE, *g.input_shape)).astype(np.float32), rng.integers(0, 10, 4 * v.PROBE),
+                 "random", 10)
+    f, _ = _same(g, ds, 0.05)
+    assert f.fast["float32_unchunked"] == (loss == 1)
+    assert f.fast["recomputed_float64"] < len(ds) // 2

@@ -64,7 +64,7 @@ def _f32_exact(v) -> bool:
     return bool(np.all((a.astype(np.float32).astype(np.float64) == a) | np.isinf(a)))
 
 
-def _prep_node(node, device, dtype=torch.float32):
+def _prep_node(node, device, dtype=torch.float32, chunked: bool = True):
     u = U32 if dtype == torch.float32 else U64
     npdt = np.float32 if dtype == torch.float32 else np.float64
     if not _check_fields(node):
@@ -82,10 +82,12 @@ def _prep_node(node, device, dtype=torch.float32):
             B = up(float(np.linalg.norm(np.abs(node.bias))) * (1 + gamma(np.size(node.bias) + 2))
                    * math.sqrt(per) * (1 + 4 * U64))
             b = torch.as_tensor(np.asarray(node.bias, dtype=npdt), device=device)
-        J = _chunks(node) if dtype == torch.float32 else 1
+        J = _chunks(node) if dtype == torch.float32 and chunked else 1
         g = gamma32(n if J == 1 else (n - 1) // J + J, u)
         # |fl32(W32 x + b32) - (W x + b)| <= (gamma_n (1 + u) + u)(|W||x| + |b|) + n TINY32
         coef = up((g * (1 + u) + u) * (1 + 8 * U64))
+        # the same without chunks (only for choosing a plan: verify._fast_with_probe)
+        coef1 = coef if J == 1 else (up((gamma32(n, u) * (1 + u) + u) * (1 + 8 * U64)) if n * u < 0.25 else math.inf)
         A = abs_norm_bound(w, not isinstance(op, Dense), getattr(op, 'groups', 1))
         # the stored weight/bias against the model's exact ones (a weight
         # computed inside the graph): |dW||x| + |db|, as the float64 path charges it
@@ -106,7 +108,7 @@ def _prep_node(node, device, dtype=torch.float32):
         sub = _subnormal_charge(w, not isinstance(op, Dense), getattr(op, 'groups', 1)) \
             if dtype == torch.float32 else 0.0
         return _Lin(torch.as_tensor(wt, device=device), b, A, B, coef, out_entries, n + J - 1,
-                    const_rel, const_abs, split=split, u=u, chunks=J, sub=sub)
+                    const_rel, const_abs, split=split, u=u, chunks=J, sub=sub, coef1=coef1)
     if isinstance(node, AffineNode):
         scale = np.asarray(node.scale, dtype=np.float64)
         shift = np.asarray(node.shift, dtype=np.float64)
@@ -148,7 +150,7 @@ def _prep_node(node, device, dtype=torch.float32):
             return None
         inner = []
         for br in node.branches:
-            p = [_prep_node(m, device, dtype) for m in br]
+            p = [_prep_node(m, device, dtype, chunked) for m in br]
             if any(x is None for x in p):
                 return None
             inner.append(p)
@@ -168,6 +170,18 @@ class FastGraph:
     #: per node, theta >= the float64 path's rounding term over this forward's
     #: at equal input norms (:func:`theta`); None: 1 for every node
     thetas: list | None = None
+    #: >= the factor by which the bound would grow without chunked sums (1:
+    #: no node is chunked); a plan choice only (verify._fast_with_probe)
+    unchunk_ratio: float = 1.0
+
+
+def _lins(prepared):
+    for p in prepared:
+        if isinstance(p, _Lin):
+            yield p
+        elif isinstance(p, tuple) and p and p[0] == "parallel":
+            for br in p[1]:
+                yield from _lins(br)
 
 
 def mixed(fg) -> bool:
@@ -179,9 +193,12 @@ GRAPH_FIELDS = {"input_name", "input_shape", "output_name", "nodes", "num_classe
                 "runtime_model"}  # the ONNX bytes for the onnxruntime veto; not read by the forward
 
 
-def prepare(g: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FastGraph | None:
+def prepare(g: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            chunked: bool = True) -> FastGraph | None:
     """Float32 constants and error constants per node, or None when some node
-    (or the graph) is outside the error model (then use the float64 path)."""
+    (or the graph) is outside the error model (then use the float64 path).
+    ``chunked=False``: long convolutions run as one conv each (faster, a
+    larger bound: proofs/fast_forward.md, "Chunked sums")."""
     device = torch.device(device)
     if not (type(g) is Graph and {f.name for f in dataclasses.fields(g)} == GRAPH_FIELDS):
         return None
@@ -191,12 +208,14 @@ def prepare(g: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = t
     for k, node in enumerate(g.nodes):
         if dtype == torch.float32 and isinstance(node, LinearNode):
             cur = torch.float64 if k in cheap else torch.float32
-        p = _prep_node(node, device, cur)
+        p = _prep_node(node, device, cur, chunked)
         if p is None:
             return None
         prepared.append(p)
         dtypes.append(cur)
-    return FastGraph(g, prepared, device, dtype, dtypes, [theta(n, p, d) for n, p, d in zip(g.nodes, prepared, dtypes)])
+    ratio = max([up(p.coef1 / p.coef) for p in _lins(prepared) if p.chunks > 1], default=1.0)
+    return FastGraph(g, prepared, device, dtype, dtypes, [theta(n, p, d) for n, p, d in zip(g.nodes, prepared, dtypes)],
+                     ratio)
 
 
 def _linear32(node: LinearNode, p: _Lin, h: torch.Tensor) -> torch.Tensor:

@@ -176,6 +176,8 @@ class _Lin:
     #: fl32(w) is off by up to 2^-150 absolutely (2^-126 flushed), not v|w|;
     #: 2^-126 || |mask| ||_2 per unit of input norm
     sub: float = 0.0
+    #: the dot-product coefficient without chunks (for choosing a plan only)
+    coef1: float = 0.0
 
 def theta(node, p, dt) -> float:
     """An upper bound on (the float64 path's rounding term of ``node``) / (this
