@@ -141,7 +141,7 @@ def main() -> None:
                                                         device=args.device, fast=True))
     fwd_fast = rep.seconds["forward"] + rep.seconds["certify"]
     res.update(eps=eps, ort_s=t_ort, ort_cpu_s=c_ort, import_s=t_imp, bounds_s=t_bounds,
-               fast_forward_certify_s=fwd_fast, fast_cpu_s=c_fast, fast=rep.fast,
+               fast_forward_certify_s=fwd_fast, fast_cpu_s=c_fast, fast=rep.fast, seconds=rep.seconds,
                certified=int(rep.result.certified.sum()))
     ips_ort = args.n / t_ort
     ips_fast = args.n / fwd_fast
@@ -151,6 +151,10 @@ def main() -> None:
     print(f"certlib bounds ({args.method})    {t_bounds:9.2f} s")
     print(f"certlib forward+certify  {fwd_fast:9.2f} s  {ips_fast:9.2f} img/s  ratio {ips_fast / ips_ort:.3f}  "
           f"(cpu {c_fast:.1f} s; {rep.fast})")
+    print(f"  of which: float32 forward {rep.seconds['forward']:.2f} s, float64 recomputation + certify "
+          f"{rep.seconds['certify'] - rep.seconds.get('veto', 0.0):.2f} s, onnxruntime veto "
+          f"{rep.seconds.get('veto', 0.0):.2f} s ({int((rep.result.certified | (rep.result.radius > 0)).sum())} "
+          f"samples claim a radius)")
     print(f"certlib end to end       {t_imp + t_bounds + fwd_fast:9.2f} s  {ips_e2e:9.2f} img/s  "
           f"ratio {ips_e2e / ips_ort:.3f}")
     res.update(ratio_forward=ips_fast / ips_ort, ratio_end_to_end=ips_e2e / ips_ort)

@@ -180,3 +180,39 @@ def test_probe_drops_the_chunks_when_they_do_not_change_the_decisions(monkeypatc
     f, _ = _same(g, ds, 0.05)
     assert f.fast["float32_unchunked"] == (loss == 1)
     assert f.fast["recomputed_float64"] < len(ds) // 2
+
+
+def test_other_bound_compares_the_two_paths_inside_a_merged_block():
+    """Inside a block the two paths' inner inputs are compared node by node: a
+    stored-constant error (which does not shrink with the precision) charged at
+    the float64 path's inner activation, where float32 rounding made this
+    forward's zero, stays below the bound (adversarial review)."""
+    from certlib.ir.graph import ActivationNode, AffineNode, Graph, IndexNode, LinearNode, ParallelNode
+    from certlib.verifiers.operators import Dense
+
+    nA, m = 64, 4
+    W = np.ones((m, nA)) / np.sqrt(nA)
+    nodes = [
+        AffineNode("sh", "Sub", (nA + 1,), (nA + 1,), scale=np.array(1.0), shift=np.r_[-np.ones(nA), 0.0]),
+        ParallelNode("cat", "Concat", (nA + 1,), (nA + 1 + m,), merge="concat", signs=(1.0, 1.0), axis=0, branches=[
+            [], [IndexNode("sl", "Slice", (nA + 1,), (nA,), fn="slice", params={"slices": [(0, nA, 1)]}),
+                 ActivationNode("id", "Clip", (nA,), (nA,), activation="clip", params={"min": -2.0 ** 100,
+                                                                                        "max": 2.0 ** 100}),
+                 LinearNode("w", "Gemm", (nA,), (m,), op=Dense(W), weight_rel_err=2.0 ** -20)]]),
+        LinearNode("out", "Gemm", (nA + 1 + m,), (10,), op=Dense(np.eye(10, nA + 1 + m))),
+    ]
+    g = Graph("x", (nA + 1,), "y", nodes, num_classes=10)
+    a = analyze(g, "exact")
+    x = np.r_[np.full(nA, 1.0 + 2.0 ** -25 + 2.0 ** -60), 1.0][None]    # part A rounds to 1.0 in float32
+    _, e32, E = fast.forward32(fast.prepare(g), x, a.node_bounds, other=True)
+    _, e64 = g.forward(x, a.node_bounds)
+    assert e64[0] > 1e-12          # the path's charge is there ...
+    assert e64[0] <= E[0] < e32[0]  # ... and bounded
+
+
+def test_norm_bound_of_a_very_long_row_falls_back_to_float64():
+    """A row too long for gamma32 of its chunked sum uses the float64 sum."""
+    from certlib.ir.fast_rules import _norm_up
+
+    n = 4194319                     # prime: one chunk
+    assert float(_norm_up(torch.ones(1, n, dtype=torch.float32))[0]) >= np.sqrt(n)

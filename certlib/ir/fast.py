@@ -31,7 +31,7 @@ from certlib.verifiers.operators import Dense
 from certlib.ir.fast_rules import (CHEAP_SHARE, CHUNK_MIN_TERMS, CHUNKS, NORM_KEEPING, NORMAL32,  # noqa: F401
                                    TINY32, U32, _broadcast_norm, _cheap_nodes, _chunks, _keeps_norm, _Lin, _macs,
                                    _norm_chunks, _norm_up, _subnormal_charge, _void, abs_norm_bound, gamma32,
-                                   identity_rest, ieee_float32, theta)
+                                   identity_rest, ieee_float32, kappa, theta)
 
 #: activations exact in float32 as in float64 (they return, move, compare or
 #: negate their inputs); "clip" also needs its bounds representable in float32
@@ -94,6 +94,7 @@ def _prep_node(node, device, dtype=torch.float32, chunked: bool = True):
         rel = float(node.weight_rel_err)
         const_rel = up(A * rel * (1 + 4 * U64)) if rel else 0.0
         const_abs = _broadcast_norm(node.bias_abs_err, out_entries)
+        A_full = A
         rest = identity_rest(node)
         split = False
         if rest is not None:
@@ -108,7 +109,7 @@ def _prep_node(node, device, dtype=torch.float32, chunked: bool = True):
         sub = _subnormal_charge(w, not isinstance(op, Dense), getattr(op, 'groups', 1)) \
             if dtype == torch.float32 else 0.0
         return _Lin(torch.as_tensor(wt, device=device), b, A, B, coef, out_entries, n + J - 1,
-                    const_rel, const_abs, split=split, u=u, chunks=J, sub=sub, coef1=coef1)
+                    const_rel, const_abs, split=split, u=u, chunks=J, sub=sub, coef1=coef1, A_full=A_full)
     if isinstance(node, AffineNode):
         scale = np.asarray(node.scale, dtype=np.float64)
         shift = np.asarray(node.shift, dtype=np.float64)
@@ -278,33 +279,63 @@ def _apply_n(node, p, h: torch.Tensor, bound, hn: torch.Tensor):
     return (*_parallel(node, p[1], h, bound, hn, p[2]), None)
 
 
-def _parallel(node: ParallelNode, inner_p, h, bound, hn, u):
-    outs, errs = [], []
+def _parallel(node: ParallelNode, inner_p, h, bound, hn, u, D=None):
+    """(output, this block's rounding term); with ``D`` (per sample: a bound on
+    the distance of the float64 path's block input from this forward's, plus
+    ... see proofs/fast_forward.md, "Identical decisions") also T, a bound on
+    the float64 path's term for the block: each inner node's path term is at
+    most this forward's term plus kappa (its per-unit-norm path coefficient)
+    times the distance of the two paths' inner inputs, P D + (this forward's
+    internal error) + (the path's internal error, recursively)."""
+    outs, errs, gs, far = [], [], [], []
     inner = bound.branches
     for k, br in enumerate(node.branches):
         y, yn = h, hn
         e = torch.zeros_like(hn)
+        G = torch.zeros_like(hn)      # the float64 path's internal error so far
+        P = 1.0                       # Lipschitz bound of the branch so far
         for j, m in enumerate(br):
-            y, r, on = _apply_n(m, inner_p[k][j], y, inner[k][j], yn)
-            yn = yn if _keeps_norm(m, inner_p[k][j]) else (on if on is not None else _norm_up(y))
-            L = float(inner[k][j]) if j > 0 else 1.0
+            pm, bj = inner_p[k][j], inner[k][j]
+            if D is not None:
+                Dj = D * P + (e if j > 0 else 0.0) + G
+            if D is not None and isinstance(m, ParallelNode):
+                y, r, Tm = _parallel(m, pm[1], y, bj, yn, pm[2], Dj)
+                on = None
+            else:
+                y, r, on = _apply_n(m, pm, y, bj, yn)
+                if D is not None:
+                    Tm = (r + Dj * kappa(m, pm)) * (1 + 4 * U64)
+            yn = yn if _keeps_norm(m, pm) else (on if on is not None else _norm_up(y))
+            L = float(bj) if j > 0 else 1.0
             e = _void((e * L + r) * (1 + 4 * U64) if j > 0 else r, yn)
+            if D is not None:
+                G = (G * L + Tm) * (1 + 4 * U64) if j > 0 else Tm
+                P = up(P * float(bj))
         outs.append(y)
         errs.append(e)
+        if D is not None:
+            gs.append(G)
+            far.append(D * P + e + G)     # the two paths' branch outputs differ by at most this
+    T = None
     if node.merge == "add":
         out = outs[0] if node.signs[0] == 1 else -outs[0]
         for s, y in zip(node.signs[1:], outs[1:]):
             out = out + y if s == 1 else out - y
         mags = sum(_norm_up(y) for y in outs)
         entries = int(np.prod(node.out_shape))
-        rnd = sum(errs) + mags * gamma32(max(1, len(outs) - 1), u) + math.sqrt(entries) * len(outs) * TINY32
-        return out, rnd * (1 + 4 * U64)
+        g = gamma32(max(1, len(outs) - 1), u)
+        rnd = sum(errs) + mags * g + math.sqrt(entries) * len(outs) * TINY32
+        if D is not None:
+            T = (sum(gs) + (mags + sum(far)) * g + math.sqrt(entries) * len(outs) * TINY32) * (1 + 4 * U64)
+        return (out, rnd * (1 + 4 * U64)) if D is None else (out, rnd * (1 + 4 * U64), T)
     if node.merge == "concat":
         out = torch.cat(outs, dim=node.axis + 1)
     elif node.merge == "max":
         out = torch.stack(outs).amax(0)
     else:
         out = torch.stack(outs).amin(0)
+    if D is not None:
+        return out, sum(errs) * (1 + 4 * U64), sum(gs) * (1 + 4 * U64)
     return out, sum(errs) * (1 + 4 * U64)
 
 
@@ -336,10 +367,16 @@ def forward32(fg: FastGraph, x: np.ndarray, node_bounds: list, other: bool = Fal
                 err = _void(err, hn)
             # the float64 path's input to this node has norm <= hn + err + eo <= 2 hn
             near = (err + eo) <= hn
-            h, rnd, on = _apply_n(node, p, h, nb, hn)
+            if isinstance(node, ParallelNode) and other:
+                # inner nodes: their inputs in the two paths are compared node by node
+                h, rnd, T = _parallel(node, p[1], h, nb, hn, p[2], err + eo)
+                on, near, term = None, torch.ones_like(near), 2 * T
+            else:
+                h, rnd, on = _apply_n(node, p, h, nb, hn)
+                term = rnd * (2 * th)
             hn = hn if _keeps_norm(node, p) else (on if on is not None else _norm_up(h))
             err = _void((err * float(nb) + rnd) * (1 + 4 * U64), hn)
-            eo = torch.where(near, (eo * float(nb) + rnd * (2 * th)) * (1 + 4 * U64), torch.full_like(eo, math.inf))
+            eo = torch.where(near, (eo * float(nb) + term) * (1 + 4 * U64), torch.full_like(eo, math.inf))
         out = h.double().cpu().numpy()
     err = err.numpy()
     fin = np.isfinite(err) & np.all(np.isfinite(out), axis=1)

@@ -20,6 +20,7 @@ from certlib.verifiers.operators import Dense
 
 U32 = 2.0 ** -24        # unit roundoff of IEEE binary32, round to nearest
 
+
 def gamma32(n: int, u: float = U32) -> float:
     """gamma_n = n u / (1 - n u) for unit roundoff u (default float32's),
     rounded up generously."""
@@ -151,6 +152,7 @@ def _macs(node) -> int:
 #: (subnormal inputs read as 0) is turned off by ieee_float32
 TINY32 = 2.0 ** -125
 
+
 @dataclasses.dataclass
 class _Lin:
     weight: torch.Tensor
@@ -178,6 +180,9 @@ class _Lin:
     sub: float = 0.0
     #: the dot-product coefficient without chunks (for choosing a plan only)
     coef1: float = 0.0
+    #: >= || |W| || of the whole weight (A is || |K'| || after an identity split)
+    A_full: float = math.inf
+
 
 def theta(node, p, dt) -> float:
     """An upper bound on (the float64 path's rounding term of ``node``) / (this
@@ -192,7 +197,8 @@ def theta(node, p, dt) -> float:
         if p.const_rel or p.const_abs:
             return 1.0
         g = gamma(node.terms())
-        path = (g / (1 - g)) * (1 + g) * (1 + gamma(p.out_entries + 2))   # graph.LinearNode.apply and _norms
+        # graph.LinearNode.apply and _norms; its |W||x~| is computed, up to 1/(1 - g) above the exact one
+        path = (g / (1 - g)) * (1 + g) / (1 - g) * (1 + gamma(p.out_entries + 2))
         ratio = 1.0
         if p.split:
             op = node.op
@@ -202,9 +208,32 @@ def theta(node, p, dt) -> float:
         return min(1.0, up(path * ratio / p.coef * (1 + 16 * U64)))
     if isinstance(node, AffineNode) and isinstance(p, tuple) and p[0] == "affine" and not p[7]:
         # graph.AffineNode.apply: (|s x|(1 + u) + |t|)(2u + c)(1 + 4u), then _norms
-        path = (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 4 * U64) * (1 + gamma(p[6] + 2))
+        path = (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 8 * U64) * (1 + gamma(p[6] + 2))
         return min(1.0, up(path / p[5] * (1 + 16 * U64)))
     return 1.0
+
+
+def kappa(node, p) -> float:
+    """Per unit of input norm, >= the float64 path's rounding and stored-constant
+    term of ``node`` (graph.py, ``Node.apply`` then ``_norms``): how much that
+    term grows when the path's input is farther from this forward's
+    (proofs/fast_forward.md, "Identical decisions"); inf for a node it does not know."""
+    if isinstance(node, (ReshapeNode, IndexNode)):
+        return 0.0
+    if isinstance(node, LinearNode) and isinstance(p, _Lin):
+        g = gamma(node.terms())
+        c = ((g / (1 - g)) * (1 + g) + float(node.weight_rel_err) * (1 + 2 * g)) / (1 - g)
+        return up(p.A_full * c * (1 + gamma(p.out_entries + 2)) * (1 + 16 * U64))
+    if isinstance(node, AffineNode) and isinstance(p, tuple) and p[0] == "affine":
+        c = (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 8 * U64) * (1 + gamma(p[6] + 2))
+        return up(p[3] * c * (1 + 16 * U64))
+    if isinstance(node, ActivationNode):
+        from certlib.ir.evaluate import ACTIVATIONS
+        rel = ACTIVATIONS[node.activation][1]
+        n = int(np.prod(node.out_shape))
+        return up(rel * (1 + 2 * rel) * float(node.lipschitz) * (1 + gamma(n + 2)) * (1 + 16 * U64)) if rel else 0.0
+    return math.inf
+
 
 @contextlib.contextmanager
 def ieee_float32():
@@ -227,6 +256,7 @@ def ieee_float32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev[0], prev[1]
         torch.set_float32_matmul_precision(prev[2])
 
+
 def _norm_up(h: torch.Tensor) -> torch.Tensor:
     """Per-sample upper bound (float64, on CPU) on the l2 norm of a batch
     (proofs/fast_forward.md, "Norms").  Float32: the squares and their sum in
@@ -237,8 +267,8 @@ def _norm_up(h: torch.Tensor) -> torch.Tensor:
     n = flat.shape[1]
     if len(flat) == 0:
         return torch.zeros(0, dtype=torch.float64)
-    if flat.dtype == torch.float32 and n >= 64:
-        J = _norm_chunks(n)
+    J = _norm_chunks(n)
+    if flat.dtype == torch.float32 and n >= 64 and (n // J + J + 1) * U32 < 0.25:   # (else: gamma32 undefined)
         s = (flat * flat).reshape(len(flat), J, n // J).sum(dim=2).sum(dim=1).double().cpu()
         g = gamma32(n // J + J + 1)
         # sum x^2 <= (s + 2 n t) / (1 - gamma): the float64 steps rounded up by (1 + 8 u64)
@@ -246,6 +276,7 @@ def _norm_up(h: torch.Tensor) -> torch.Tensor:
     s = torch.cat([c.double().square().sum(dim=1) for c in flat.split(16)])
     # + an allowance for squares below the normal range (float64 inputs)
     return (s.sqrt() * (1 + 2 * gamma(n + 2)) + math.sqrt(n * (n + 2)) * 2.0 ** -537).cpu()
+
 
 def _norm_chunks(n: int) -> int:
     """The largest divisor of n not above sqrt(n): the row sums in that many chunks."""
@@ -259,12 +290,14 @@ def _norm_chunks(n: int) -> int:
 #: input's norm bound also bounds the output's, so it is not recomputed
 NORM_KEEPING = {"relu", "minmax", "minmax_rev", "minmax_pairs", "minmax_pairs_rev", "abs", "groupsort"}
 
+
 def _keeps_norm(node, p) -> bool:
     if isinstance(node, ReshapeNode):
         return True
     if isinstance(node, IndexNode):
         return node.fn != "gather" and float(node.lipschitz) == 1.0
     return isinstance(node, ActivationNode) and p == ("exact",) and node.activation in NORM_KEEPING
+
 
 def _void(err: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
     """inf where the computed value's norm is not finite: an overflow hidden
