@@ -217,3 +217,19 @@ def test_verify_sdp_on_a_conv_digits_model_matches_exact(small_conv_digits):
     assert ex.result.vra > 0 and sd.result.vra == ex.result.vra
     assert ex.analysis.body.value <= sd.analysis.body.value <= ex.analysis.body.value * (1 + 1e-5)
     assert list(sd.result.certified) == list(ex.result.certified)
+
+
+def test_audit_sdp_bounds_the_whole_dense_network_with_its_head(minmax_digits):
+    """audit --method sdp: the multi-layer LipSDP of the whole logit map (the
+    head couples with the last layer) is below body x head and above the
+    attack's empirical constant."""
+    from certlib.audit import run_audit
+    from certlib.bounds import up_mul
+    from certlib.data import Dataset, load as load_data
+    from certlib.onnx.importer import load
+
+    _, g = load(minmax_digits)
+    d = load_data("digits", "test")
+    rep = run_audit(g, Dataset(d.x[:32], d.y[:32], "digits[:32]", 10), None, [], "sdp", steps=30)
+    assert rep.rule == "multi-layer LipSDP (whole network)"
+    assert 0 < rep.empirical <= rep.proven < up_mul(rep.body, rep.head)
