@@ -135,13 +135,12 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
                  other: bool = False, chunked: bool = True):
     """Float32 (or ``dtype``) logits with a priori error bounds
     (proofs/fast_forward.md), or None when the graph is outside the error model.
-    ``info`` (a dict) receives ``mixed``: whether some nodes ran in float64.
     ``other``: also a per-sample bound on the float64 path's error bound
     (``forward32(..., other=True)``); ``chunked``: as in ``fast.prepare``.
-    ``info`` also receives ``unchunk_ratio`` (``FastGraph.unchunk_ratio``)."""
+    ``info`` (a dict) receives ``unchunk_ratio`` (``FastGraph.unchunk_ratio``)."""
     import torch
 
-    from certlib.ir.fast import forward32, mixed, prepare
+    from certlib.ir.fast import forward32, prepare
 
     # ``cache`` (a dict the caller keeps for one run of one unchanged graph): prepared once per
     # (device, dtype), as a streamed run calls this for every batch
@@ -154,7 +153,6 @@ def predict_fast(g: Graph, x: np.ndarray, node_bounds, batch_size: int = 256, pr
     if fg is None:
         return None
     if info is not None:
-        info["mixed"] = mixed(fg)
         info["unchunk_ratio"] = fg.unchunk_ratio
     return _batched(lambda xb: forward32(fg, xb, node_bounds, other), x, batch_size, progress, g.num_classes,
                     3 if other else 2)
@@ -348,7 +346,7 @@ def _fast_with_probe(g, a, x, eps, batch_size, fwd_progress, device, cache, info
     rest = predict_fast(g, x[PROBE:], a.node_bounds, batch_size,
                         (lambda k: fwd_progress(PROBE + k)) if fwd_progress else None, device, cache=cache,
                         other=True, chunked=chunked)
-    return tuple(np.concatenate([h, r]) for h, r in zip(head, rest))
+    return tuple(np.concatenate([a_head, a_rest]) for a_head, a_rest in zip(head, rest))
 
 
 def _runtime_veto(g: Graph, x: np.ndarray, res) -> list:

@@ -120,29 +120,34 @@ class _MaxMin(nn.Module):
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
 
-@pytest.fixture(scope="module")
-def minmax_digits(tmp_path_factory):
-    """A dense MinMax network (4 layers) trained briefly on digits, exported."""
+def _train_and_export(model, path, steps: int, lr: float, n: int | None = None):
+    """Train ``model`` full-batch on digits (the first ``n`` samples) with Adam
+    and cross-entropy, then export it to ``path`` (opset 17, dynamic batch)."""
     import warnings
 
     from certlib.data import load as load_data
 
-    torch.manual_seed(0)
     d = load_data("digits", "train")
-    x, y = torch.as_tensor(d.x), torch.as_tensor(d.y)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), _MaxMin(), nn.Linear(64, 64), _MaxMin(),
-                          nn.Linear(64, 64), _MaxMin(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    x, y = torch.as_tensor(d.x)[:n], torch.as_tensor(d.y)[:n]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    path = tmp_path_factory.mktemp("lipsdp") / "minmax.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (torch.zeros(2, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=17)
     return path
+
+
+@pytest.fixture(scope="module")
+def minmax_digits(tmp_path_factory):
+    """A dense MinMax network (4 layers) trained briefly on digits, exported."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), _MaxMin(), nn.Linear(64, 64), _MaxMin(),
+                          nn.Linear(64, 64), _MaxMin(), nn.Linear(64, 10))
+    return _train_and_export(model, tmp_path_factory.mktemp("lipsdp") / "minmax.onnx", 150, 3e-3)
 
 
 def test_trained_minmax_network_on_digits(minmax_digits):
@@ -178,27 +183,10 @@ def test_trained_minmax_network_on_digits(minmax_digits):
 def small_conv_digits(tmp_path_factory):
     """A small LiResNet-like conv net (stem conv, a stride-4 neck conv whose
     explicit matrix was above the old SDP size limit, dense head), trained briefly."""
-    import warnings
-
-    from certlib.data import load as load_data
-
     torch.manual_seed(0)
-    d = load_data("digits", "train")
-    x, y = torch.as_tensor(d.x), torch.as_tensor(d.y)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _MaxMin(), nn.Conv2d(8, 32, 4, stride=4), _MaxMin(),
                           nn.Flatten(), nn.Linear(128, 10))
-    x, y = x[:400], y[:400]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("sdpconv") / "conv.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(2, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=17)
-    return path
+    return _train_and_export(model, tmp_path_factory.mktemp("sdpconv") / "conv.onnx", 40, 1e-2, n=400)
 
 
 def test_verify_sdp_on_a_conv_digits_model_matches_exact(small_conv_digits):

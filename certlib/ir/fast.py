@@ -64,6 +64,12 @@ def _f32_exact(v) -> bool:
     return bool(np.all((a.astype(np.float32).astype(np.float64) == a) | np.isinf(a)))
 
 
+def _dot_coef(n: int, u: float) -> float:
+    """Per entry of |W||x| + |b|: the rounding of a dot product of n terms
+    with unit roundoff u, any order, plus the output's own rounding."""
+    return up((gamma32(n, u) * (1 + u) + u) * (1 + 8 * U64))
+
+
 def _prep_node(node, device, dtype=torch.float32, chunked: bool = True):
     u = U32 if dtype == torch.float32 else U64
     npdt = np.float32 if dtype == torch.float32 else np.float64
@@ -83,11 +89,10 @@ def _prep_node(node, device, dtype=torch.float32, chunked: bool = True):
                    * math.sqrt(per) * (1 + 4 * U64))
             b = torch.as_tensor(np.asarray(node.bias, dtype=npdt), device=device)
         J = _chunks(node) if dtype == torch.float32 and chunked else 1
-        g = gamma32(n if J == 1 else (n - 1) // J + J, u)
         # |fl32(W32 x + b32) - (W x + b)| <= (gamma_n (1 + u) + u)(|W||x| + |b|) + n TINY32
-        coef = up((g * (1 + u) + u) * (1 + 8 * U64))
+        coef = _dot_coef(n if J == 1 else (n - 1) // J + J, u)
         # the same without chunks (only for choosing a plan: verify._fast_with_probe)
-        coef1 = coef if J == 1 else (up((gamma32(n, u) * (1 + u) + u) * (1 + 8 * U64)) if n * u < 0.25 else math.inf)
+        coef1 = coef if J == 1 else (_dot_coef(n, u) if n * u < 0.25 else math.inf)
         A = abs_norm_bound(w, not isinstance(op, Dense), getattr(op, 'groups', 1))
         # the stored weight/bias against the model's exact ones (a weight
         # computed inside the graph): |dW||x| + |db|, as the float64 path charges it
@@ -324,9 +329,10 @@ def _parallel(node: ParallelNode, inner_p, h, bound, hn, u, D=None):
         mags = sum(_norm_up(y) for y in outs)
         entries = int(np.prod(node.out_shape))
         g = gamma32(max(1, len(outs) - 1), u)
-        rnd = sum(errs) + mags * g + math.sqrt(entries) * len(outs) * TINY32
-        if D is not None:
-            T = (sum(gs) + (mags + sum(far)) * g + math.sqrt(entries) * len(outs) * TINY32) * (1 + 4 * U64)
+        tiny = math.sqrt(entries) * len(outs) * TINY32
+        rnd = sum(errs) + mags * g + tiny
+        if D is not None:   # the same merge rounding at the float64 path's branch outputs
+            T = (sum(gs) + (mags + sum(far)) * g + tiny) * (1 + 4 * U64)
         return (out, rnd * (1 + 4 * U64)) if D is None else (out, rnd * (1 + 4 * U64), T)
     if node.merge == "concat":
         out = torch.cat(outs, dim=node.axis + 1)

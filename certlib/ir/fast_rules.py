@@ -184,32 +184,37 @@ class _Lin:
     A_full: float = math.inf
 
 
+def _path_linear(node, p, rel: float = 0.0) -> float:
+    """The float64 path's term of a linear node per unit of |W||x~| + |b|
+    (graph.LinearNode.apply, then _norms), its computed |W||x~| up to
+    1/(1 - g) above the exact one; ``rel``: the stored weight's relative error."""
+    g = gamma(node.terms())
+    return ((g / (1 - g)) * (1 + g) + rel * (1 + 2 * g)) / (1 - g) * (1 + gamma(p.out_entries + 2))
+
+
+def _path_affine(node, p) -> float:
+    """The float64 path's term of an affine node per unit of |s x~| + |t|
+    (graph.AffineNode.apply: (|s x|(1 + u) + |t|)(2u + c)(1 + 4u), then _norms)."""
+    return (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 8 * U64) * (1 + gamma(p[6] + 2))
+
+
 def theta(node, p, dt) -> float:
     """An upper bound on (the float64 path's rounding term of ``node``) / (this
     forward's term), at equal input norms (proofs/fast_forward.md, "Identical
     decisions"): the ratio of the dot-product coefficients (u = 2^-53 against
     v = 2^-24 with chunks), times || |W| || / || |K'| || for an identity
     split; 1 for a node run in float64 and for terms that do not shrink with
-    the precision (stored-constant errors, activations, merged blocks)."""
+    the precision (stored-constant errors, activations; merged blocks are
+    compared node by node instead: fast._parallel with D)."""
     if dt != torch.float32:
         return 1.0
     if isinstance(node, LinearNode) and isinstance(p, _Lin):
         if p.const_rel or p.const_abs:
             return 1.0
-        g = gamma(node.terms())
-        # graph.LinearNode.apply and _norms; its |W||x~| is computed, up to 1/(1 - g) above the exact one
-        path = (g / (1 - g)) * (1 + g) / (1 - g) * (1 + gamma(p.out_entries + 2))
-        ratio = 1.0
-        if p.split:
-            op = node.op
-            full = abs_norm_bound(op.weight if isinstance(op, Dense) else op.kernel, not isinstance(op, Dense),
-                                  getattr(op, "groups", 1))
-            ratio = max(1.0, up(full / p.A))
-        return min(1.0, up(path * ratio / p.coef * (1 + 16 * U64)))
+        ratio = max(1.0, up(p.A_full / p.A)) if p.split else 1.0
+        return min(1.0, up(_path_linear(node, p) * ratio / p.coef * (1 + 16 * U64)))
     if isinstance(node, AffineNode) and isinstance(p, tuple) and p[0] == "affine" and not p[7]:
-        # graph.AffineNode.apply: (|s x|(1 + u) + |t|)(2u + c)(1 + 4u), then _norms
-        path = (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 8 * U64) * (1 + gamma(p[6] + 2))
-        return min(1.0, up(path / p[5] * (1 + 16 * U64)))
+        return min(1.0, up(_path_affine(node, p) / p[5] * (1 + 16 * U64)))
     return 1.0
 
 
@@ -221,12 +226,9 @@ def kappa(node, p) -> float:
     if isinstance(node, (ReshapeNode, IndexNode)):
         return 0.0
     if isinstance(node, LinearNode) and isinstance(p, _Lin):
-        g = gamma(node.terms())
-        c = ((g / (1 - g)) * (1 + g) + float(node.weight_rel_err) * (1 + 2 * g)) / (1 - g)
-        return up(p.A_full * c * (1 + gamma(p.out_entries + 2)) * (1 + 16 * U64))
+        return up(p.A_full * _path_linear(node, p, float(node.weight_rel_err)) * (1 + 16 * U64))
     if isinstance(node, AffineNode) and isinstance(p, tuple) and p[0] == "affine":
-        c = (2 * U64 + float(node.const_err)) * (1 + U64) * (1 + 8 * U64) * (1 + gamma(p[6] + 2))
-        return up(p[3] * c * (1 + 16 * U64))
+        return up(p[3] * _path_affine(node, p) * (1 + 16 * U64))
     if isinstance(node, ActivationNode):
         from certlib.ir.evaluate import ACTIVATIONS
         rel = ACTIVATIONS[node.activation][1]
