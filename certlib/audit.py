@@ -31,7 +31,7 @@ from certlib.attack import lipschitz_pair
 from certlib.bounds import Bound, up, up_add, up_mul
 from certlib.certify import certify
 from certlib.data import Dataset
-from certlib.ir.compose import Analysis, analyze
+from certlib.ir.compose import Analysis, _multilayer, analyze
 from certlib.ir.graph import Graph
 from certlib.verify import predict
 
@@ -129,9 +129,11 @@ def run_audit(g: Graph, data: Dataset, claim: float | None, eps: list, method: s
     proven = up_mul(float(a.body.value), head)
     rule = "body x head"
     if method == "sdp":
-        whole = _whole_lipsdp(g)
-        if whole is not None and whole < proven:
-            proven, rule = whole, "multi-layer LipSDP (whole network)"
+        # the whole logit map as one dense stack, head included (proofs/lipsdp.md): the
+        # head couples with the last layer, which body x head cannot see
+        whole, _ = _multilayer(g, len(g.nodes), proven)
+        if whole is not None:
+            proven, rule = float(whole.value), "multi-layer LipSDP (whole network)"
     stages = [lb.as_dict() for lb in a.layers]
     ratio, x, xp = lipschitz_pair(g, data.x[:n_attack], steps=steps)
     pair = {}
@@ -161,25 +163,6 @@ def run_audit(g: Graph, data: Dataset, claim: float | None, eps: list, method: s
     gap = proven / ratio if ratio > 0 else None
     return AuditReport(model_name, method, proven, float(a.body.value), head, stages, ratio, pair, claim,
                        verdict, gap, vra, len(data), sem.name, rule)
-
-
-def _whole_lipsdp(g: Graph) -> float | None:
-    """The multi-layer LipSDP bound of the whole logit map (head included,
-    proofs/lipsdp.md) when every node forms a dense stack, else None: the
-    head couples with the last layer, which body x head cannot see."""
-    from certlib.ir.dense_stack import dense_stack
-    from certlib.verifiers.lipsdp import lipsdp_bound
-
-    st = dense_stack(g.nodes, len(g.nodes))
-    if st is None:
-        return None
-    try:
-        b = lipsdp_bound(*st)
-    except (ValueError, RuntimeError):
-        return None
-    if not isinstance(b, Bound):
-        raise TypeError("lipsdp_bound must return a Bound")
-    return float(b.value)
 
 
 def audit_file(path, data: Dataset, claim, eps: list, method: str = "exact", steps: int = 50,

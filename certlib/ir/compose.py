@@ -106,6 +106,9 @@ class _Bounder:
         else:
             self.verify = _verifier(method)
         self.layers: list[LayerBound] = []
+        #: id(op) -> (op, proven bound, how): an operator met again (a block
+        #: rule, every level of a polynomial block) is not proven twice
+        self._proven: dict = {}
 
     def op_bound(self, op, margin_rel=None) -> tuple[float, str]:
         """One linear operator's bound (or Estimate value) and how it was found."""
@@ -116,12 +119,14 @@ class _Bounder:
             if not isinstance(est, Estimate):
                 raise UnsoundError("power.estimate must return an Estimate")
             return float(est.value), "power-estimate (UNSOUND)"
-        target = _explicit_for(op, self.method)
-        b = self.verify(target)
-        if not isinstance(b, Bound):
-            raise UnsoundError(f"verifier {self.method} returned {type(b).__name__}, not a Bound")
-        how = b.method + (" (explicit matrix)" if target is not op else "")
-        value = b.value
+        hit = self._proven.get(id(op))
+        if hit is None or hit[0] is not op:
+            target = _explicit_for(op, self.method)
+            b = self.verify(target)
+            if not isinstance(b, Bound):
+                raise UnsoundError(f"verifier {self.method} returned {type(b).__name__}, not a Bound")
+            hit = self._proven[id(op)] = (op, b.value, b.method + (" (explicit matrix)" if target is not op else ""))
+        _, value, how = hit
         if margin_rel is not None:
             value = up_add(value, _fold_rounding_margin(op, margin_rel))
             how += " (+fold rounding)"
