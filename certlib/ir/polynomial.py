@@ -39,7 +39,8 @@ MAX_DEGREE = 64
 HUGE = Fraction(2) ** 1000
 
 
-def _same_op(p, q) -> bool:
+def same_op(p, q) -> bool:
+    """The same operator: kind, stored numbers and geometry."""
     if type(p) is not type(q):
         return False
     if isinstance(p, Dense):
@@ -71,7 +72,7 @@ def _parse(nodes: list, found: list) -> list | None:
             return None
         if not found:
             found.append(n)
-        elif not _same_op(found[0].op, n.op) or n.transposed != found[0].transposed:
+        elif not same_op(found[0].op, n.op) or n.transposed != found[0].transposed:
             return None
         if n.bias is not None or n.weight_rel_err or n.transposed:
             return None

@@ -36,6 +36,7 @@ from fractions import Fraction
 import numpy as np
 
 from certlib.ir.graph import U64, AffineNode, LinearNode, ParallelNode
+from certlib.ir.polynomial import same_op
 from certlib.onnx.ops.registry import HANDLERS, PATTERNS, Ctx, Skip, check_opset, node_maps
 
 #: ops a region may contain
@@ -160,13 +161,6 @@ def _conv_node(ctx: Ctx, node, shape: tuple) -> LinearNode:
     return lin
 
 
-def _same_conv(a: LinearNode, b: LinearNode) -> bool:
-    p, q = a.op, b.op
-    return (p.kernel.shape == q.kernel.shape and np.array_equal(p.kernel, q.kernel)
-            and tuple(p.input_shape) == tuple(q.input_shape) and p.stride == q.stride
-            and p.padding == q.padding and p.dilation == q.dilation and p.groups == q.groups)
-
-
 def _emit(ctx: Ctx, nodes, idx: list, t: str, exit_: str) -> None:
     if ctx.current != t:
         raise Skip("linear polynomial region is not on the main chain")
@@ -183,7 +177,7 @@ def _emit(ctx: Ctx, nodes, idx: list, t: str, exit_: str) -> None:
             lin = _conv_node(ctx, n, shape)
             if A is None:
                 A, first = lin, n
-            elif not _same_conv(A, lin):
+            elif not same_op(A.op, lin.op):
                 raise Skip(f"the linear region from {t!r} applies two different convolutions ({first.name!r} and "
                            f"{n.name!r}): certlib imports a polynomial of ONE operator only")
             p = [Fraction(0)] + poly[n.input[0]]
