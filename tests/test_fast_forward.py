@@ -315,3 +315,25 @@ def test_identity_split_against_the_explicit_matrix(geo):
     if rest is not None:
         K = dataclasses.replace(op, kernel=rest).to_dense()
         assert np.array_equal(op.to_dense(), np.eye(op.to_dense().shape[0]) + K)
+
+
+def test_float32_norm_bound_against_exact_arithmetic():
+    """_norm_up's chunked float32 sum of squares stays above the exact norm of
+    the float32 values (Fractions): subnormal squares, mixed magnitudes, a
+    value near the float32 maximum (the sum overflows: inf), a prime length
+    (one chunk)."""
+    from fractions import Fraction
+
+    from certlib.ir.fast_rules import _norm_up
+
+    rng = np.random.default_rng(0)
+    rows = [np.full(4096, 1e-23), np.r_[np.full(2048, 1e17), np.full(2048, 1e-20)],
+            rng.standard_normal(4099) * 1e-3, np.r_[np.full(63, 2.0 ** 60), np.full(4033, 2.0 ** 30)],
+            np.full(128, np.float32(np.finfo(np.float32).tiny) * 3)]
+    for row in rows:
+        v = row.astype(np.float32)
+        hn = float(_norm_up(torch.as_tensor(v[None]))[0])
+        exact = sum(Fraction(float(a)) ** 2 for a in v)
+        assert Fraction(hn) ** 2 >= exact
+    big = np.full(64, np.finfo(np.float32).max / 2, dtype=np.float32)
+    assert np.isinf(float(_norm_up(torch.as_tensor(big[None]))[0]))
